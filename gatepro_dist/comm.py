@@ -1,0 +1,97 @@
+"""Differentiable collectives used by the MoE layer.
+
+``group=None`` means *no communication* (a single rank), not torch's WORLD: the same code path
+runs at ep=1 without touching torch.distributed. Every function here is a no-op copy then.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+# torch renamed all_gather_into_tensor; use whichever this version has without a warning.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """Forward: concatenate every rank's rows. Backward: each rank gets the summed gradient of its rows."""
+
+    @staticmethod
+    def forward(ctx, local_RD: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        world = dist.get_world_size(group)
+        full = local_RD.new_empty((world * local_RD.shape[0],) + tuple(local_RD.shape[1:]))
+        _all_gather_flat(full, local_RD.contiguous(), group=group)
+        return full
+
+    @staticmethod
+    def backward(ctx, grad_full: torch.Tensor):
+        group = ctx.group
+        world = dist.get_world_size(group)
+        grad_full = grad_full.contiguous()
+        rows = grad_full.shape[0] // world
+        if dist.get_backend(group) == "nccl":
+            grad_local = grad_full.new_empty((rows,) + tuple(grad_full.shape[1:]))
+            dist.reduce_scatter_tensor(grad_local, grad_full, group=group)
+            return grad_local, None
+        # gloo has no reduce_scatter: sum everywhere, keep our rows.
+        dist.all_reduce(grad_full, group=group)
+        rank = dist.get_rank(group)
+        return grad_full[rank * rows : (rank + 1) * rows].clone(), None
+
+
+def all_gather_rows(local: torch.Tensor, group) -> torch.Tensor:
+    """All-gather along dim 0 with autograd (backward is a reduce-scatter)."""
+    if group_size(group) == 1:
+        return local
+    return _AllGatherRows.apply(local, group)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, output_splits: list[int], input_splits: list[int], group):
+        ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
+        out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_in = grad_out.new_empty((sum(ctx.input_splits),) + tuple(grad_out.shape[1:]))
+        dist.all_to_all_single(
+            grad_in, grad_out.contiguous(), ctx.input_splits, ctx.output_splits, group=ctx.group
+        )
+        return grad_in, None, None, None
+
+
+def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
+    """all_to_all_single with uneven splits along dim 0, differentiable."""
+    if group_size(group) == 1:
+        return x
+    return _AllToAll.apply(x, output_splits, input_splits, group)
+
+
+def all_gather_counts(local_C: torch.Tensor, group) -> torch.Tensor:
+    """Stack a small integer vector from every rank: [group_size, C] (no autograd)."""
+    if group_size(group) == 1:
+        return local_C.unsqueeze(0)
+    flat = local_C.contiguous().reshape(-1)
+    out = flat.new_empty(group_size(group) * flat.numel())
+    _all_gather_flat(out, flat, group=group)
+    return out.view((group_size(group),) + tuple(local_C.shape))
+
+
+def all_to_all_counts(send_RE: torch.Tensor, group) -> torch.Tensor:
+    """Exchange per-destination count rows: row r goes to rank r; returns what each rank sent us."""
+    if group_size(group) == 1:
+        return send_RE.clone()
+    recv = torch.empty_like(send_RE)
+    dist.all_to_all_single(recv, send_RE.contiguous(), group=group)
+    return recv

@@ -1,0 +1,169 @@
+"""Where tokens cross ranks: plan, dispatch (permute + all-to-all) and combine (the way back).
+
+One *assignment* is a (token, expert) pair chosen by the router; a token has top_k of them.
+The plan is computed once per forward from the routing and consumed by dispatch and combine.
+
+Order of assignments on the wire is by global expert id, then by token; destination ranks own
+consecutive expert blocks, so "by expert" is also "by destination". Received rows arrive ordered
+by (source rank, local expert) and are regrouped to (local expert, source rank) for the experts.
+Within an expert, tokens therefore appear in global token order (rank 0's tokens first), which is
+exactly what a single process holding the whole batch would see.
+
+Capacity (optional) is computed over the EP group's whole batch, not per rank, so the same tokens
+are dropped as in a single process holding every expert:
+  * "position": an expert keeps its first C tokens in global token order;
+  * "probs":    an expert keeps its C tokens with the highest mixture weight (ties: token order).
+Dropping happens at the source, so an expert never receives more than C rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import comm
+from .routing import expert_capacity
+
+DROP_POLICIES = ("position", "probs")
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    send_token_T: torch.Tensor  # token index of each sent row (kept assignments, by expert)
+    send_assignment_A: torch.Tensor  # flat index (token * K + slot) of each sent row
+    input_splits: list[int]  # rows sent to each EP rank
+    output_splits: list[int]  # rows received from each EP rank
+    recv_to_grouped: torch.Tensor  # permutation: received rows -> grouped by local expert
+    tokens_per_local_expert: torch.Tensor  # [E_local] rows each local expert computes
+    tokens_per_expert: torch.Tensor  # [N] routed assignments per expert in the EP group, before drops
+    total_tokens: int  # tokens in the EP group
+    dropped_tokens: int  # assignments dropped by capacity in the EP group
+    gatepro_penalised: int  # summed over the EP group
+    gatepro_topk_changed: int  # summed over the EP group
+
+
+def plan_dispatch(
+    experts_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    num_experts: int,
+    ep_group=None,
+    capacity_factor: float | None = None,
+    drop_policy: str = "position",
+    gatepro_counts: tuple[int, int] = (0, 0),
+) -> DispatchPlan:
+    """Exchange counts and decide which rows go where. Collective over ``ep_group``."""
+    if drop_policy not in DROP_POLICIES:
+        raise ValueError(f"drop_policy={drop_policy!r} is not one of {DROP_POLICIES}; pick one of them")
+    ep_size, ep_rank = comm.group_size(ep_group), comm.group_rank(ep_group)
+    num_local = num_experts // ep_size
+    num_tokens, top_k = experts_TK.shape
+    device = experts_TK.device
+
+    expert_A = experts_TK.reshape(-1)
+    tokens_per_expert_local_N = torch.bincount(expert_A, minlength=num_experts)
+    # One small all-gather tells every rank everything it needs: counts, batch sizes, GatePro stats.
+    header = torch.tensor([num_tokens, *gatepro_counts], dtype=torch.long, device=device)
+    gathered_RC = comm.all_gather_counts(torch.cat([tokens_per_expert_local_N, header]), ep_group)
+    counts_RN = gathered_RC[:, :num_experts]
+    tokens_R = gathered_RC[:, num_experts]
+    tokens_per_expert_N = counts_RN.sum(0)
+    total_tokens = int(tokens_R.sum())
+    first_token = int(tokens_R[:ep_rank].sum())
+
+    # Stable sort by expert keeps token order inside each expert.
+    order_A = torch.sort(expert_A, stable=True).indices
+    dropped = 0
+    if capacity_factor is not None:
+        capacity = expert_capacity(total_tokens, top_k, num_experts, capacity_factor)
+        keep_A = _keep_mask(
+            order_A, expert_A, weights_TK.detach().reshape(-1), counts_RN, capacity,
+            drop_policy, first_token, top_k, ep_group,
+        )
+        order_A = order_A[keep_A]
+        dropped = int((tokens_per_expert_N - capacity).clamp_min(0).sum())
+    kept_N = torch.bincount(expert_A[order_A], minlength=num_experts)
+
+    send_RE = kept_N.view(ep_size, num_local)
+    recv_RE = comm.all_to_all_counts(send_RE, ep_group)
+    return DispatchPlan(
+        send_token_T=order_A // top_k,
+        send_assignment_A=order_A,
+        input_splits=send_RE.sum(1).tolist(),
+        output_splits=recv_RE.sum(1).tolist(),
+        recv_to_grouped=_group_by_local_expert(recv_RE),
+        tokens_per_local_expert=recv_RE.sum(0),
+        tokens_per_expert=tokens_per_expert_N,
+        total_tokens=total_tokens,
+        dropped_tokens=dropped,
+        gatepro_penalised=int(gathered_RC[:, num_experts + 1].sum()),
+        gatepro_topk_changed=int(gathered_RC[:, num_experts + 2].sum()),
+    )
+
+
+def _group_by_local_expert(recv_RE: torch.Tensor) -> torch.Tensor:
+    """Indices that reorder rows received as (source, expert) blocks into (expert, source) blocks."""
+    ep_size, num_local = recv_RE.shape
+    lengths_B = recv_RE.reshape(-1)
+    starts_B = torch.cumsum(lengths_B, 0) - lengths_B
+    blocks = torch.arange(ep_size * num_local, device=recv_RE.device).view(ep_size, num_local).t().reshape(-1)
+    lengths, starts = lengths_B[blocks], starts_B[blocks]
+    new_starts = torch.cumsum(lengths, 0) - lengths
+    total = int(lengths.sum())
+    shift = torch.repeat_interleave(starts - new_starts, lengths)
+    return torch.arange(total, device=recv_RE.device) + shift
+
+
+def _keep_mask(order_A, expert_A, weight_A, counts_RN, capacity, policy, first_token, top_k, ep_group):
+    """Which sorted assignments survive capacity; decided identically to a single process."""
+    ep_rank = comm.group_rank(ep_group)
+    sorted_expert = expert_A[order_A]
+    num_experts = counts_RN.shape[1]
+    local_counts_N = counts_RN[ep_rank]
+    rank_in_expert = torch.arange(order_A.numel(), device=order_A.device) - torch.repeat_interleave(
+        torch.cumsum(local_counts_N, 0) - local_counts_N, local_counts_N
+    )
+    if policy == "position":
+        before_me_N = counts_RN[:ep_rank].sum(0)
+        return before_me_N[sorted_expert] + rank_in_expert < capacity
+
+    # "probs": find each expert's C-th best (weight desc, global token asc) over the EP group.
+    # Every rank contributes only its own best C candidates per expert, so the exchange is small.
+    weight = weight_A[order_A]
+    gtoken = order_A // top_k + first_token
+    # Re-sort inside each expert by (weight desc, token asc): token order is already ascending.
+    key_order = torch.sort(-weight, stable=True).indices
+    key_order = key_order[torch.sort(sorted_expert[key_order], stable=True).indices]
+    cand_w = torch.full((num_experts, capacity), -float("inf"), device=weight.device)
+    cand_t = torch.full((num_experts, capacity), torch.iinfo(torch.long).max, device=weight.device)
+    rank_sorted = rank_in_expert  # position within expert after re-sort is the same arange trick
+    take = rank_sorted < capacity
+    cand_w[sorted_expert[take], rank_sorted[take]] = weight[key_order][take]
+    cand_t[sorted_expert[take], rank_sorted[take]] = gtoken[key_order][take]
+    all_w = comm.all_gather_counts(cand_w, ep_group).permute(1, 0, 2).reshape(num_experts, -1)
+    all_t = comm.all_gather_counts(cand_t, ep_group).permute(1, 0, 2).reshape(num_experts, -1)
+    by_token = torch.sort(all_t, dim=1, stable=True).indices
+    all_w, all_t = all_w.gather(1, by_token), all_t.gather(1, by_token)
+    by_weight = torch.sort(-all_w, dim=1, stable=True).indices
+    thresh_w = all_w.gather(1, by_weight)[:, capacity - 1]
+    thresh_t = all_t.gather(1, by_weight)[:, capacity - 1]
+    w_th, t_th = thresh_w[sorted_expert], thresh_t[sorted_expert]
+    return (weight > w_th) | ((weight == w_th) & (gtoken <= t_th))
+
+
+def dispatch(x_TD: torch.Tensor, plan: DispatchPlan, ep_group=None) -> torch.Tensor:
+    """Rows for the local experts, grouped by local expert: [sum(tokens_per_local_expert), D]."""
+    send_SD = x_TD[plan.send_token_T]
+    recv_RD = comm.all_to_all(send_SD, plan.output_splits, plan.input_splits, ep_group)
+    return recv_RD[plan.recv_to_grouped]
+
+
+def combine(
+    y_grouped: torch.Tensor, plan: DispatchPlan, weights_TK: torch.Tensor, num_tokens: int, ep_group=None
+) -> torch.Tensor:
+    """Send expert outputs back and sum them per token with the mixture weights: [T, D]."""
+    recv_RD = torch.empty_like(y_grouped)
+    recv_RD = recv_RD.index_copy(0, plan.recv_to_grouped, y_grouped)
+    back_SD = comm.all_to_all(recv_RD, plan.input_splits, plan.output_splits, ep_group)
+    weight_S = weights_TK.reshape(-1)[plan.send_assignment_A].to(back_SD.dtype)
+    out_TD = back_SD.new_zeros((num_tokens, back_SD.shape[1]))
+    return out_TD.index_add(0, plan.send_token_T, back_SD * weight_S[:, None])

@@ -1,0 +1,98 @@
+"""Where experts compute: SwiGLU experts over rows grouped by expert.
+
+Two implementations of the same function: grouped GEMM (one kernel call per projection for all
+local experts) and a per-expert loop, kept as the readable reference the tests compare against.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .router import mark_expert_parallel, seeded_rows
+
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_gemm_available() -> bool:
+    return _grouped_mm is not None
+
+
+def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
+    # grouped_mm's backward rejects non-contiguous incoming gradients (e.g. from .sum()).
+    if t.requires_grad:
+        t.register_hook(lambda g: g.contiguous())
+    return t
+
+
+def swiglu_grouped(x_MD, gate_up_EDF2, down_EFD, tokens_per_expert_E) -> torch.Tensor:
+    offsets_E = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
+    h_MF2 = _contiguous_grad(_grouped_mm(x_MD, gate_up_EDF2, offs=offsets_E))
+    gate_MF, up_MF = h_MF2.chunk(2, dim=-1)
+    return _contiguous_grad(_grouped_mm(F.silu(gate_MF) * up_MF, down_EFD, offs=offsets_E))
+
+
+def swiglu_loop(x_MD, gate_up_EDF2, down_EFD, tokens_per_expert_E) -> torch.Tensor:
+    outputs = []
+    for expert, rows_MD in enumerate(torch.split(x_MD, tokens_per_expert_E.tolist())):
+        gate_MF, up_MF = (rows_MD @ gate_up_EDF2[expert]).chunk(2, dim=-1)
+        outputs.append((F.silu(gate_MF) * up_MF) @ down_EFD[expert])
+    return torch.cat(outputs) if outputs else x_MD.new_zeros((0, down_EFD.shape[-1]))
+
+
+class GroupedExperts(nn.Module):
+    """The local experts of one MoE layer. Parameters are indexed by local expert on dim 0.
+
+    ``gate_up_proj`` [E, D, 2F] holds the gate projection in its first F columns and the up
+    projection in the last F (one GEMM instead of two); ``down_proj`` is [E, F, D].
+    """
+
+    def __init__(self, num_local_experts: int, hidden_size: int, ffn_size: int,
+                 first_expert: int = 0, grouped_gemm: bool = True):
+        super().__init__()
+        if grouped_gemm and not grouped_gemm_available():
+            raise ValueError(
+                "grouped_gemm=True needs torch.nn.functional.grouped_mm (torch >= 2.9); "
+                "upgrade torch or set moe.grouped_gemm=false"
+            )
+        self.num_local_experts, self.hidden_size, self.ffn_size = num_local_experts, hidden_size, ffn_size
+        self.first_expert, self.grouped_gemm = first_expert, grouped_gemm
+        self.gate_up_proj = mark_expert_parallel(
+            nn.Parameter(torch.empty(num_local_experts, hidden_size, 2 * ffn_size))
+        )
+        self.down_proj = mark_expert_parallel(
+            nn.Parameter(torch.empty(num_local_experts, ffn_size, hidden_size))
+        )
+        self.reset_parameters(seed=0)
+
+    def reset_parameters(self, seed: int) -> None:
+        """Per-expert seeded init: expert e gets the same weights whatever the EP layout."""
+        e, first, d, f = self.num_local_experts, self.first_expert, self.hidden_size, self.ffn_size
+        with torch.no_grad():
+            self.gate_up_proj.copy_(seeded_rows(e, first, (d, 2 * f), 1 / math.sqrt(d), 2 * seed + 1))
+            self.down_proj.copy_(seeded_rows(e, first, (f, d), 1 / math.sqrt(f), 2 * seed + 2))
+
+    def forward(self, x_MD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        gate_up, down = self.gate_up_proj.to(x_MD.dtype), self.down_proj.to(x_MD.dtype)
+        if x_MD.shape[0] == 0:
+            # Nothing arrived. Keep the input and the parameters in the autograd graph anyway:
+            # every rank must run the same backward collectives (the all-to-all that brought
+            # these zero rows), and parameter gradients should be 0, not None.
+            return x_MD.new_zeros((0, self.hidden_size)) + 0 * (x_MD.sum() + gate_up.sum() + down.sum())
+        compute = swiglu_grouped if self.grouped_gemm else swiglu_loop
+        return compute(x_MD, gate_up, down, tokens_per_expert_E)
+
+
+class SwiGLU(nn.Module):
+    """A dense SwiGLU MLP (shared experts and the model's dense FFN layers)."""
+
+    def __init__(self, hidden_size: int, ffn_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, ffn_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, ffn_size, bias=False)
+        self.down_proj = nn.Linear(ffn_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

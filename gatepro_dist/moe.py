@@ -1,0 +1,164 @@
+"""The MoE layer: router -> dispatch -> experts -> combine, plus per-call statistics."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import comm
+from .dispatch import DROP_POLICIES, combine, dispatch, plan_dispatch
+from .experts import GroupedExperts, SwiGLU
+from .router import GateProRouter, is_expert_parallel
+from .routing import load_balancing_loss, router_z_loss
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """Everything that defines one MoE layer (hyper-parameters only, no process groups)."""
+
+    hidden_size: int
+    num_experts: int = 16
+    top_k: int = 2
+    expert_ffn_dim: int = 256
+    num_shared_experts: int = 0
+    shared_expert_ffn_dim: int | None = None
+    shared_expert_gate: bool = False
+    capacity_factor: float | None = None  # None: dropless
+    drop_policy: str = "position"
+    grouped_gemm: bool = True
+    gatepro: bool = True
+    penalty: float = 1e-4
+    normalize_topk: bool = True
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    bias_enabled: bool = False
+    bias_update_rate: float = 1e-3
+    check_pairs: bool = False
+
+    def validate(self, ep_size: int = 1) -> None:
+        def bad(name, value, fix):
+            raise ValueError(f"{name}={value!r} is invalid; {fix}")
+
+        if self.hidden_size < 1:
+            bad("hidden_size", self.hidden_size, "use a positive hidden size")
+        if self.num_experts < 1:
+            bad("num_experts", self.num_experts, "use at least one expert")
+        if self.num_experts % ep_size:
+            bad("num_experts", self.num_experts, f"it must be divisible by ep={ep_size}")
+        if not 1 <= self.top_k <= self.num_experts:
+            bad("top_k", self.top_k, f"it must be between 1 and num_experts={self.num_experts}")
+        if not (self.penalty >= 0 and self.penalty != float("inf")):
+            bad("penalty", self.penalty, "use a finite penalty >= 0 (the paper uses 1e-4)")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            bad("capacity_factor", self.capacity_factor, "use a positive factor, or None for dropless")
+        if self.drop_policy not in DROP_POLICIES:
+            bad("drop_policy", self.drop_policy, f"pick one of {DROP_POLICIES}")
+        if self.expert_ffn_dim < 1:
+            bad("expert_ffn_dim", self.expert_ffn_dim, "use a positive size")
+
+
+@dataclass(frozen=True)
+class MoEStats:
+    """One forward's statistics. Counts are over the whole EP group; losses are this rank's share."""
+
+    tokens_per_expert: torch.Tensor  # [N] assignments routed to each expert, before drops
+    total_tokens: int
+    aux_loss: torch.Tensor  # Switch balance loss (this rank's share; differentiable)
+    z_loss: torch.Tensor  # router z-loss (this rank's tokens; differentiable)
+    loss: torch.Tensor  # aux_loss_coef * aux_loss + z_loss_coef * z_loss: add it to the objective
+    dropped_tokens: int  # (token, expert) assignments dropped by capacity
+    gatepro_penalised: int  # (token, expert) entries that received the penalty
+    gatepro_topk_changed: int  # tokens whose expert set the penalty changed
+
+    @property
+    def zero_token_experts(self) -> int:
+        return int((self.tokens_per_expert == 0).sum())
+
+
+class MoELayer(nn.Module):
+    """Expert-parallel MoE FFN with the GatePro router.
+
+    ``ep_group=None`` holds every expert in this process; otherwise this rank holds experts
+    ``[r * N/ep, (r+1) * N/ep)`` and their router rows, and tokens travel by all-to-all.
+    """
+
+    def __init__(self, spec: MoESpec, ep_group=None):
+        super().__init__()
+        ep_size = comm.group_size(ep_group)
+        spec.validate(ep_size)
+        self.spec, self.ep_group = spec, ep_group
+        self.router = GateProRouter(
+            spec.hidden_size, spec.num_experts, spec.top_k,
+            gatepro_enabled=spec.gatepro, penalty=spec.penalty, normalize_topk=spec.normalize_topk,
+            bias_enabled=spec.bias_enabled, bias_update_rate=spec.bias_update_rate,
+            check_pairs=spec.check_pairs, ep_group=ep_group,
+        )
+        self.experts = GroupedExperts(
+            spec.num_experts // ep_size, spec.hidden_size, spec.expert_ffn_dim,
+            first_expert=self.router.first_expert, grouped_gemm=spec.grouped_gemm,
+        )
+        shared_dim = spec.shared_expert_ffn_dim or spec.expert_ffn_dim
+        self.shared_experts = (
+            SwiGLU(spec.hidden_size, shared_dim * spec.num_shared_experts)
+            if spec.num_shared_experts > 0 else None
+        )
+        self.shared_expert_gate = (
+            nn.Linear(spec.hidden_size, 1, bias=False)
+            if spec.num_shared_experts > 0 and spec.shared_expert_gate else None
+        )
+
+    def reset_expert_parameters(self, seed: int) -> None:
+        self.router.reset_parameters(seed)
+        self.experts.reset_parameters(seed)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        if x.shape[-1] != self.spec.hidden_size:
+            raise ValueError(
+                f"MoELayer input has hidden size {x.shape[-1]} but the layer was built with "
+                f"hidden_size={self.spec.hidden_size}; pass tokens of the model's d_model"
+            )
+        x_TD = x.reshape(-1, x.shape[-1])
+        routing = self.router(x_TD)
+        plan = plan_dispatch(
+            routing.experts_TK, routing.weights_TK, self.spec.num_experts, self.ep_group,
+            self.spec.capacity_factor, self.spec.drop_policy,
+            (routing.gatepro_penalised, routing.gatepro_topk_changed),
+        )
+        rows_MD = dispatch(x_TD, plan, self.ep_group)
+        expert_out_MD = self.experts(rows_MD, plan.tokens_per_local_expert)
+        out_TD = combine(expert_out_MD, plan, routing.weights_TK, x_TD.shape[0], self.ep_group)
+        if self.shared_experts is not None:
+            shared_TD = self.shared_experts(x_TD)
+            if self.shared_expert_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+            out_TD = out_TD + shared_TD
+
+        aux = load_balancing_loss(
+            routing.logits_TN, plan.tokens_per_expert, plan.total_tokens, self.spec.top_k
+        )
+        z = router_z_loss(routing.logits_TN)
+        stats = MoEStats(
+            tokens_per_expert=plan.tokens_per_expert,
+            total_tokens=plan.total_tokens,
+            aux_loss=aux,
+            z_loss=z,
+            loss=self.spec.aux_loss_coef * aux + self.spec.z_loss_coef * z,
+            dropped_tokens=plan.dropped_tokens,
+            gatepro_penalised=plan.gatepro_penalised,
+            gatepro_topk_changed=plan.gatepro_topk_changed,
+        )
+        return out_TD.view_as(x).to(x.dtype), stats
+
+
+def expert_parallel_shard(global_state: dict[str, torch.Tensor], module: nn.Module,
+                          ep_rank: int, ep_size: int) -> dict[str, torch.Tensor]:
+    """Slice a state dict of the all-experts module down to this rank's experts (and router rows)."""
+    params = dict(module.named_parameters())
+    out = {}
+    for name, tensor in global_state.items():
+        if name in params and is_expert_parallel(params[name]):
+            rows = tensor.shape[0] // ep_size
+            tensor = tensor[ep_rank * rows : (ep_rank + 1) * rows]
+        out[name] = tensor
+    return out

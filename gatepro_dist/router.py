@@ -1,0 +1,170 @@
+"""Where GatePro decides: the router module.
+
+The router weight W_g [N, D] is sharded by rows over the EP group, exactly like the experts: the
+rank that owns expert e owns row e. Every forward all-gathers the rows (backward reduce-scatters),
+computes this rank's fp32 logits from the gathered tensor, and GatePro's pairs from the *same*
+tensor, so every rank of the EP group makes the same competition decisions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import comm
+from .routing import (
+    check_penalty,
+    check_top_k,
+    gatepro_delta,
+    most_similar_expert,
+    select_top_k,
+    topk_set_changed,
+)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What the router decided for this rank's tokens."""
+
+    logits_TN: torch.Tensor  # raw fp32 logits, differentiable (aux and z losses use these)
+    experts_TK: torch.Tensor  # selected global expert ids
+    weights_TK: torch.Tensor  # fp32 mixture weights, differentiable
+    gatepro_penalised: int  # (token, expert) entries that received the penalty, this rank
+    gatepro_topk_changed: int  # tokens whose selected set differs from plain top-k, this rank
+    gate_weight_ND: torch.Tensor  # the gathered router weight the decision was made with
+
+
+def mark_expert_parallel(param: nn.Parameter) -> nn.Parameter:
+    """Tag a parameter as sharded over the EP group (dim 0 = local experts) and reduced over EDP."""
+    param.expert_parallel = True
+    return param
+
+
+def is_expert_parallel(param: torch.Tensor) -> bool:
+    return getattr(param, "expert_parallel", False)
+
+
+def seeded_rows(num_rows: int, first_row: int, shape: tuple[int, ...], std: float, seed: int) -> torch.Tensor:
+    """Rows initialised from a per-row generator, so a shard equals the same rows of the full tensor."""
+    rows = []
+    for global_row in range(first_row, first_row + num_rows):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + global_row)
+        rows.append(torch.randn(shape, generator=gen) * std)
+    return torch.stack(rows) if rows else torch.empty((0,) + shape)
+
+
+class GateProRouter(nn.Module):
+    """Bias-free linear gate + (optional) GatePro penalty + top-k.
+
+    ``gatepro_enabled`` is a plain attribute: flip it at any step (hot swap). With it off, or with
+    penalty 0, the router is exactly plain top-k routing. ``expert_bias`` is the optional
+    aux-loss-free balancing bias (DeepSeek-V3): it steers selection only and is updated by
+    ``update_bias`` outside backward.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        gatepro_enabled: bool = True,
+        penalty: float = 1e-4,
+        normalize_topk: bool = True,
+        bias_enabled: bool = False,
+        bias_update_rate: float = 1e-3,
+        check_pairs: bool = False,
+        ep_group=None,
+    ):
+        super().__init__()
+        check_top_k(top_k, num_experts)
+        check_penalty(penalty)
+        ep_size = comm.group_size(ep_group)
+        if num_experts % ep_size:
+            raise ValueError(
+                f"num_experts={num_experts} is not divisible by ep={ep_size}; "
+                "choose num_experts as a multiple of the expert-parallel size"
+            )
+        self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
+        self.gatepro_enabled, self.penalty = gatepro_enabled, penalty
+        self.normalize_topk, self.check_pairs = normalize_topk, check_pairs
+        self.bias_enabled, self.bias_update_rate = bias_enabled, bias_update_rate
+        self.ep_group = ep_group
+        self.num_local_experts = num_experts // ep_size
+        self.first_expert = comm.group_rank(ep_group) * self.num_local_experts
+        self.weight = mark_expert_parallel(
+            nn.Parameter(torch.empty(self.num_local_experts, hidden_size))
+        )
+        self.register_buffer("expert_bias", torch.zeros(num_experts))
+        self.reset_parameters(seed=0)
+
+    def reset_parameters(self, seed: int) -> None:
+        std = 1.0 / math.sqrt(self.hidden_size)
+        with torch.no_grad():
+            self.weight.copy_(
+                seeded_rows(self.num_local_experts, self.first_expert, (self.hidden_size,), std, seed)
+            )
+
+    def gathered_weight(self) -> torch.Tensor:
+        return comm.all_gather_rows(self.weight, self.ep_group)
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        if x_TD.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"router input has hidden size {x_TD.shape[-1]} but the router expects "
+                f"{self.hidden_size}; pass tokens of the model's d_model"
+            )
+        gate_weight_ND = self.gathered_weight()
+        # fp32 on purpose: in bf16, l - 1e-4 == l for |l| > ~0.05 and GatePro would vanish.
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TN = x_TD.float() @ gate_weight_ND.float().t()
+        bias_N = self.expert_bias if self.bias_enabled else None
+
+        plain = select_top_k(logits_TN, self.top_k, bias_N, self.normalize_topk)
+        if not (self.gatepro_enabled and self.penalty > 0):
+            return Routing(logits_TN, plain.experts_TK, plain.weights_TK, 0, 0, gate_weight_ND)
+
+        rival_N = most_similar_expert(gate_weight_ND)
+        if self.check_pairs:
+            assert_same_on_all_ranks(rival_N, self.ep_group)
+        delta_TN = gatepro_delta(logits_TN, rival_N, self.penalty)
+        chosen = select_top_k(logits_TN + delta_TN, self.top_k, bias_N, self.normalize_topk)
+        return Routing(
+            logits_TN,
+            chosen.experts_TK,
+            chosen.weights_TK,
+            int((delta_TN != 0).sum()),
+            int(topk_set_changed(chosen.experts_TK, plain.experts_TK).sum()),
+            gate_weight_ND,
+        )
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert_N: torch.Tensor) -> None:
+        """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones.
+
+        Call after the optimizer step with counts summed over every rank, so all ranks agree.
+        """
+        if not self.bias_enabled:
+            return
+        load_N = tokens_per_expert_N.float().to(self.expert_bias.device)
+        self.expert_bias += self.bias_update_rate * torch.sign(load_N.mean() - load_N)
+
+
+class PairsDisagree(RuntimeError):
+    pass
+
+
+def assert_same_on_all_ranks(rival_N: torch.Tensor, group) -> None:
+    """Debug check: every rank of the EP group chose identical GatePro pairs."""
+    if comm.group_size(group) == 1:
+        return
+    gathered = comm.all_gather_counts(rival_N.to(torch.long), group)
+    if not bool((gathered == gathered[0]).all()):
+        bad = [r for r in range(gathered.shape[0]) if not bool((gathered[r] == gathered[0]).all())]
+        raise PairsDisagree(
+            f"GatePro pairs differ between EP ranks {bad} and rank 0 (global rank "
+            f"{dist.get_rank()}); the gathered router weight is not identical on every rank"
+        )

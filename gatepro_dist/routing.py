@@ -1,0 +1,176 @@
+"""The math of routing, as pure functions of tensors (no modules, no process groups).
+
+GatePro (arXiv 2510.13079) in three lines:
+  j*(i) = argmax_{j != i} cos(w_i, w_j)          -- each expert's most similar rival
+  l~_i  = l_i - lambda  if l_i < l_{j*(i)}        -- per token, the loser of its pair pays
+  top-k on l~, mixture weights = softmax of l~ over the selected k
+
+Shapes in names: T tokens, N experts (global), K = top_k, D hidden size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_PENALTY = 1e-4
+# Cosines closer than this count as a tie (rows with the same direction differ by rounding only).
+SIMILARITY_TIE_TOLERANCE = 1e-9
+
+
+def most_similar_expert(gate_weight: torch.Tensor) -> torch.Tensor:
+    """j*(i) for every expert i: the other expert whose gate row has the highest cosine similarity.
+
+    Ties (within ``SIMILARITY_TIE_TOLERANCE``, computed in fp64) go to the lowest index, so
+    rows pointing the same way pair deterministically whatever their rounding. No gradient flows.
+    """
+    if gate_weight.dim() != 2 or gate_weight.shape[0] < 2:
+        raise ValueError(
+            f"gate_weight must be 2-D [num_experts >= 2, hidden], got shape {tuple(gate_weight.shape)}; "
+            "pass the full (all-gathered) router weight"
+        )
+    similarity_NN = cosine_similarity_matrix(gate_weight, torch.float64)
+    similarity_NN.fill_diagonal_(-math.inf)
+    best_N1 = similarity_NN.max(dim=1, keepdim=True).values
+    is_best_NN = similarity_NN >= best_N1 - SIMILARITY_TIE_TOLERANCE
+    return is_best_NN.to(torch.int8).argmax(dim=1)  # argmax returns the first (lowest) index
+
+
+def cosine_similarity_matrix(gate_weight: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """S_ij = cos(w_i, w_j), detached (GatePro's pairing is not differentiated)."""
+    w_ND = gate_weight.detach().to(dtype)
+    unit_ND = w_ND / w_ND.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return unit_ND @ unit_ND.t()
+
+
+def gatepro_delta(logits: torch.Tensor, rival: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The penalty term delta (fp32, [T, N]): -penalty where l_i < l_{rival(i)} (strict), else 0."""
+    logits_TN = logits.detach().float()
+    loses_to_rival_TN = logits_TN < logits_TN[:, rival]
+    return loses_to_rival_TN.to(torch.float32) * (-float(penalty))
+
+
+def gatepro_penalty(
+    logits: torch.Tensor, gate_weight: torch.Tensor, penalty: float = DEFAULT_PENALTY
+) -> torch.Tensor:
+    """GatePro's penalised logits l~ in fp32, same shape as ``logits`` ([tokens, num_experts]).
+
+    The penalty is a constant, so gradients with respect to ``logits`` pass through unchanged.
+    """
+    check_logits(logits, gate_weight.shape[0] if gate_weight.dim() == 2 else -1)
+    check_penalty(penalty)
+    rival_N = most_similar_expert(gate_weight)
+    return logits.float() + gatepro_delta(logits, rival_N, penalty)
+
+
+def check_logits(logits: torch.Tensor, num_experts: int) -> None:
+    if logits.dim() != 2:
+        raise ValueError(
+            f"logits must be 2-D [tokens, num_experts], got shape {tuple(logits.shape)}; "
+            "flatten batch and sequence dimensions first"
+        )
+    if logits.shape[1] != num_experts:
+        raise ValueError(
+            f"logits have {logits.shape[1]} experts but gate_weight has {num_experts} rows; "
+            "pass the full (all-gathered) router weight"
+        )
+
+
+def check_penalty(penalty: float) -> None:
+    if not math.isfinite(penalty) or penalty < 0:
+        raise ValueError(
+            f"penalty must be a finite number >= 0, got {penalty}; use the paper's 1e-4 "
+            "or 0 for plain top-k"
+        )
+
+
+def check_top_k(top_k: int, num_experts: int) -> None:
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(
+            f"top_k={top_k} must be between 1 and num_experts={num_experts}; "
+            "lower top_k or add experts"
+        )
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The selection for each token: K expert ids and their mixture weights."""
+
+    experts_TK: torch.Tensor  # long
+    weights_TK: torch.Tensor  # fp32, differentiable
+
+
+def select_top_k(
+    scores_TN: torch.Tensor,
+    top_k: int,
+    selection_bias_N: torch.Tensor | None = None,
+    normalize: bool = True,
+) -> TopK:
+    """Top-k on ``scores`` (+ an optional bias that steers selection only), then mixture weights.
+
+    ``normalize=True``: softmax over the selected k (GatePro / Mixtral). ``False``: the selected
+    entries of the full softmax (OLMoE / Qwen-MoE style, weights do not sum to one).
+    Ties in top-k go to the lowest expert index (stable sort), so selections are reproducible.
+    """
+    check_top_k(top_k, scores_TN.shape[1])
+    choose_by_TN = scores_TN.detach()
+    if selection_bias_N is not None:
+        choose_by_TN = choose_by_TN + selection_bias_N.float()
+    experts_TK = choose_by_TN.sort(dim=1, descending=True, stable=True).indices[:, :top_k]
+    if normalize:
+        weights_TK = torch.softmax(scores_TN.gather(1, experts_TK), dim=1)
+    else:
+        weights_TK = torch.softmax(scores_TN, dim=1).gather(1, experts_TK)
+    return TopK(experts_TK, weights_TK)
+
+
+def topk_set_changed(experts_a_TK: torch.Tensor, experts_b_TK: torch.Tensor) -> torch.Tensor:
+    """Per token: did the *set* of selected experts change? (bool [T])."""
+    return (experts_a_TK.sort(dim=1).values != experts_b_TK.sort(dim=1).values).any(dim=1)
+
+
+def load_balancing_loss(
+    logits_TN: torch.Tensor, tokens_per_expert_N: torch.Tensor, total_tokens: int, top_k: int
+) -> torch.Tensor:
+    """Switch-style balance loss  N * sum_i f_i * P_i  as *this rank's share*.
+
+    f_i (fraction of all top-k assignments in the EP group that went to expert i) is global and
+    carries no gradient; P_i (mean router probability of expert i) is over this rank's tokens. With
+    equal token counts per rank, the mean of the shares over the EP group is the global loss, and
+    so is the average of their gradients, which is what data-parallel averaging computes.
+    P uses the raw logits (no GatePro penalty, no selection bias): the balance loss sees the
+    router as it is, GatePro only changes which experts win.
+    """
+    num_experts = logits_TN.shape[1]
+    fraction_N = tokens_per_expert_N.detach().float() / max(total_tokens * top_k, 1)
+    mean_prob_N = torch.softmax(logits_TN.float(), dim=1).mean(dim=0)
+    return num_experts * (fraction_N * mean_prob_N).sum()
+
+
+def router_z_loss(logits_TN: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
+    return torch.logsumexp(logits_TN.float(), dim=1).square().mean()
+
+
+def expert_capacity(total_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Tokens one expert may take: ceil(capacity_factor * tokens * k / N) over the EP group's batch."""
+    return int(math.ceil(capacity_factor * total_tokens * top_k / num_experts))
+
+
+def gate_similarity_stats(gate_weight: torch.Tensor) -> dict[str, float]:
+    """The paper's diagnostics of S: mean off-diagonal cosine, mean angle, spectral entropy."""
+    similarity_NN = cosine_similarity_matrix(gate_weight, torch.float64)
+    n = similarity_NN.shape[0]
+    off_diag = similarity_NN[~torch.eye(n, dtype=torch.bool)]
+    angles = torch.rad2deg(torch.arccos(off_diag.clamp(-1.0, 1.0)))
+    singular = torch.linalg.svdvals(similarity_NN)
+    p = singular / singular.sum().clamp_min(1e-30)
+    p = p[p > 0]
+    entropy = float(-(p * p.log()).sum())
+    return {
+        "mean_cos": float(off_diag.mean()),
+        "mean_angle_deg": float(angles.mean()),
+        "spectral_entropy": entropy,
+    }

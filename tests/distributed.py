@@ -1,0 +1,41 @@
+"""Run a function on N real processes joined by a gloo process group (no mocks)."""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _entry(rank, world_size, init_file, result_dir, fn, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=60))
+    try:
+        result = ("ok", fn(rank, world_size, *args))
+    except BaseException:  # report the worker's traceback in the parent's assertion
+        result = ("error", traceback.format_exc())
+    with open(os.path.join(result_dir, f"{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+    dist.destroy_process_group()
+
+
+def run_on_ranks(world_size: int, fn, *args) -> list:
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` processes; return each rank's result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        mp.start_processes(_entry, args=(world_size, init_file, tmp, fn, args),
+                           nprocs=world_size, join=True, start_method="spawn")
+        results = []
+        for rank in range(world_size):
+            with open(os.path.join(tmp, f"{rank}.pkl"), "rb") as f:
+                status, value = pickle.load(f)
+            if status != "ok":
+                raise AssertionError(f"rank {rank} failed:\n{value}")
+            results.append(value)
+        return results

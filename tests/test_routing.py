@@ -1,0 +1,171 @@
+"""GatePro's pure functions against the paper's definition, written as plain loops."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gatepro_dist.router import GateProRouter
+from gatepro_dist.routing import (
+    gate_similarity_stats,
+    gatepro_delta,
+    gatepro_penalty,
+    load_balancing_loss,
+    most_similar_expert,
+    select_top_k,
+)
+
+
+def paper_rival(w: torch.Tensor) -> list[int]:
+    n = w.shape[0]
+    rival = []
+    for i in range(n):
+        best, best_j = -math.inf, None
+        for j in range(n):
+            if j == i:
+                continue
+            cos = float(w[i].double() @ w[j].double() / (w[i].double().norm() * w[j].double().norm()))
+            if cos > best + 1e-9:  # strictly better: ties (to 1e-9) keep the lowest index
+                best, best_j = cos, j
+        rival.append(best_j)
+    return rival
+
+
+def paper_penalty(logits: torch.Tensor, w: torch.Tensor, lam: float) -> torch.Tensor:
+    rival = paper_rival(w)
+    out = logits.clone().double()
+    for t in range(logits.shape[0]):
+        for i in range(logits.shape[1]):
+            if logits[t, i] < logits[t, rival[i]]:
+                out[t, i] -= lam
+    return out
+
+
+def tricky_inputs(seed: int, tokens=64, experts=12, hidden=8):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(experts, hidden, generator=gen)
+    w[5] = w[2] * 3.0  # identical direction: exact cosine tie for expert 2's rival search
+    w[7] = w[2] * 0.5
+    logits = torch.randn(tokens, experts, generator=gen)
+    logits[:8, 2] = logits[:8, 5]  # exact logit ties inside a pair
+    logits[8:16, 5] = logits[8:16, 2] + 3e-5  # near ties, |dl| < lambda
+    return logits, w
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_gatepro_equals_paper_loop(seed):
+    logits, w = tricky_inputs(seed)
+    assert most_similar_expert(w).tolist() == paper_rival(w)
+    got = gatepro_penalty(logits, w, 1e-4)
+    assert torch.equal(got.double(), paper_penalty(logits.float(), w, 1e-4).float().double())
+
+
+def test_exact_direction_tie_goes_to_lowest_index():
+    w = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [0.0, 1.0]])
+    assert most_similar_expert(w).tolist() == [1, 0, 0, 0]
+
+
+def test_gatepro_never_penalises_the_winner_and_at_most_once():
+    logits, w = tricky_inputs(11)
+    lam = 1e-4
+    rival = most_similar_expert(w)
+    delta = gatepro_delta(logits, rival, lam)
+    assert set(delta.unique().tolist()) <= {0.0, float(torch.tensor(-lam))}, "an expert was penalised more than once"
+    torch.testing.assert_close(gatepro_penalty(logits, w, lam), logits + delta, rtol=0, atol=0)
+    winners = logits >= logits[:, rival]  # not strictly below its rival: must be untouched
+    assert bool((delta[winners] == 0).all())
+    # the strict argmax of every token is never penalised
+    assert bool((delta.gather(1, logits.argmax(1, keepdim=True)) == 0).all())
+
+
+def test_penalty_zero_is_plain_top_k():
+    logits, w = tricky_inputs(3)
+    assert torch.equal(gatepro_penalty(logits, w, 0.0), logits)
+    router = GateProRouter(8, 12, 3, gatepro_enabled=True, penalty=0.0)
+    plain = GateProRouter(8, 12, 3, gatepro_enabled=False)
+    x = torch.randn(40, 8)
+    a, b = router(x), plain(x)
+    assert torch.equal(a.experts_TK, b.experts_TK) and torch.equal(a.weights_TK, b.weights_TK)
+
+
+def test_router_without_gatepro_is_top_k_then_softmax_over_k():
+    router = GateProRouter(8, 6, 2, gatepro_enabled=False)
+    x = torch.randn(30, 8)
+    r = router(x)
+    logits = x @ router.weight.t()
+    top = logits.topk(2, dim=1)
+    assert torch.equal(r.experts_TK, top.indices)
+    assert torch.allclose(r.weights_TK, torch.softmax(top.values, dim=1), rtol=1e-6)
+    assert (r.experts_TK.unsqueeze(2) == r.experts_TK.unsqueeze(1)).sum((1, 2)).eq(2).all()
+
+
+def test_gatepro_changes_top_k_when_the_pair_loser_leads_by_less_than_lambda():
+    # 0 <-> 1 are each other's rivals, as are 2 <-> 3.
+    w = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, -0.1, 0.0, 0.0],
+                      [0.0, 0.0, 1.0, 0.0], [0.0, 0.1, 1.0, 1.0]])
+    logits = torch.tensor([[1.0, 0.99996, 0.99992, -1.0]])
+    assert most_similar_expert(w).tolist() == [1, 0, 3, 2]
+    plain = select_top_k(logits, 2).experts_TK
+    chosen = select_top_k(gatepro_penalty(logits, w, 1e-4), 2).experts_TK
+    assert plain.tolist() == [[0, 1]]
+    assert chosen.tolist() == [[0, 2]]  # expert 1 lost its pair and fell below expert 2
+    router = GateProRouter(4, 4, 2, penalty=1e-4)
+    with torch.no_grad():
+        router.weight.copy_(w)
+    token = torch.linalg.solve(w.double(), logits.t().double()).t().float()  # token @ w.T == logits
+    routed = router(token)
+    assert routed.experts_TK.tolist() == [[0, 2]] and routed.gatepro_topk_changed == 1
+    assert routed.gatepro_penalised == 2  # experts 1 and 3
+
+
+def test_bf16_inputs_do_not_swallow_the_penalty():
+    router = GateProRouter(16, 8, 2, gatepro_enabled=True, penalty=1e-4)
+    x = (torch.randn(64, 16) * 4).to(torch.bfloat16)
+    r = router(x)
+    assert r.logits_TN.dtype == torch.float32 and r.weights_TK.dtype == torch.float32
+    assert r.gatepro_penalised > 0
+    logits = x.float() @ router.weight.t()
+    penalised = gatepro_penalty(logits, router.weight, 1e-4)
+    assert bool(((penalised - logits) != 0).any()), "the penalty vanished"
+    # the same subtraction in bf16 would be lost for most entries:
+    lost = (logits.bfloat16() - 1e-4) == logits.bfloat16()
+    assert bool(lost.float().mean() > 0.5)
+
+
+def test_gradient_passes_through_the_penalty_unchanged():
+    logits, w = tricky_inputs(2)
+    a = logits.clone().requires_grad_()
+    gatepro_penalty(a, w, 1e-4).mul(torch.arange(12.0)).sum().backward()
+    assert torch.equal(a.grad, torch.arange(12.0).expand_as(logits))
+
+
+def test_balance_loss_is_one_when_perfectly_uniform():
+    logits = torch.zeros(16, 4)
+    counts = torch.full((4,), 8)
+    assert load_balancing_loss(logits, counts, 16, 2).item() == pytest.approx(1.0)
+
+
+def test_similarity_stats_of_orthogonal_rows():
+    stats = gate_similarity_stats(torch.eye(4))
+    assert stats["mean_cos"] == pytest.approx(0.0)
+    assert stats["mean_angle_deg"] == pytest.approx(90.0)
+    assert stats["spectral_entropy"] == pytest.approx(math.log(4))
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: gatepro_penalty(torch.zeros(4, 3, 2), torch.randn(3, 4)), "logits must be 2-D"),
+        (lambda: gatepro_penalty(torch.zeros(4, 3), torch.randn(3, 4), -1e-4), "penalty"),
+        (lambda: gatepro_penalty(torch.zeros(4, 3), torch.randn(3, 4), float("nan")), "penalty"),
+        (lambda: select_top_k(torch.zeros(4, 3), 4), "top_k=4"),
+        (lambda: GateProRouter(8, 4, 5), "top_k=5"),
+        (lambda: GateProRouter(8, 4, 2, penalty=-1.0), "penalty"),
+        (lambda: GateProRouter(8, 4, 2)(torch.zeros(3, 7)), "hidden size 7"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_the_parameter(call, match):
+    with pytest.raises(ValueError, match=match) as info:
+        call()
+    assert "\n" not in str(info.value)
