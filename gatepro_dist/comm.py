@@ -95,3 +95,10 @@ def all_to_all_counts(send_RE: torch.Tensor, group) -> torch.Tensor:
     recv = torch.empty_like(send_RE)
     dist.all_to_all_single(recv, send_RE.contiguous(), group=group)
     return recv
+
+
+def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
+    """In-place sum over ``group`` (no autograd); a no-op for a single rank."""
+    if group_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    return t

@@ -52,6 +52,7 @@ class ModelConfig:
     head_dim: Optional[int] = _f(None, "per-head width; null means d_model // n_heads")
     rope_base: float = _f(10000.0, "RoPE base frequency")
     qk_norm: bool = _f(False, "RMS-normalise queries and keys per head")
+    qkv_bias: bool = _f(False, "bias on the query/key/value projections (Qwen2-style)")
     tie_embeddings: bool = _f(True, "share input embedding and output projection")
     norm_eps: float = _f(1e-5, "RMSNorm epsilon")
     max_seq_len: int = _f(512, "longest sequence the RoPE cache covers")
@@ -535,9 +536,6 @@ def _check_shapes(cfg: Config) -> None:
     if cfg.data.seq_len > m.max_seq_len:
         raise _fail("data.seq_len", cfg.data.seq_len, f"exceeds model.max_seq_len={m.max_seq_len}",
                     "lower data.seq_len or raise model.max_seq_len")
-    if t.warmup_steps > t.steps:
-        raise _fail("train.warmup_steps", t.warmup_steps, f"exceeds train.steps={t.steps}",
-                    "lower train.warmup_steps or raise train.steps")
     if isinstance(cfg.data.source, list) and not cfg.data.source:
         raise _fail("data.source", [], "is an empty list", "name at least one path or use 'stdlib'")
 

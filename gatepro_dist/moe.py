@@ -81,13 +81,16 @@ class MoELayer(nn.Module):
 
     ``ep_group=None`` holds every expert in this process; otherwise this rank holds experts
     ``[r * N/ep, (r+1) * N/ep)`` and their router rows, and tokens travel by all-to-all.
+    ``balance_group`` (the expert-data-parallel group in training) widens the statistics and the
+    balance loss's expert fractions from the EP group's batch to the whole global batch, so the
+    objective does not depend on the parallel layout.
     """
 
-    def __init__(self, spec: MoESpec, ep_group=None):
+    def __init__(self, spec: MoESpec, ep_group=None, balance_group=None):
         super().__init__()
         ep_size = comm.group_size(ep_group)
         spec.validate(ep_size)
-        self.spec, self.ep_group = spec, ep_group
+        self.spec, self.ep_group, self.balance_group = spec, ep_group, balance_group
         self.router = GateProRouter(
             spec.hidden_size, spec.num_experts, spec.top_k,
             gatepro_enabled=spec.gatepro, penalty=spec.penalty, normalize_topk=spec.normalize_topk,
@@ -125,6 +128,7 @@ class MoELayer(nn.Module):
             self.spec.capacity_factor, self.spec.drop_policy,
             (routing.gatepro_penalised, routing.gatepro_topk_changed),
         )
+        counts = _GlobalCounts.of(plan, self.balance_group)
         rows_MD = dispatch(x_TD, plan, self.ep_group)
         expert_out_MD = self.experts(rows_MD, plan.tokens_per_local_expert)
         out_TD = combine(expert_out_MD, plan, routing.weights_TK, x_TD.shape[0], self.ep_group)
@@ -135,20 +139,40 @@ class MoELayer(nn.Module):
             out_TD = out_TD + shared_TD
 
         aux = load_balancing_loss(
-            routing.logits_TN, plan.tokens_per_expert, plan.total_tokens, self.spec.top_k
+            routing.logits_TN, counts.tokens_per_expert, counts.total_tokens, self.spec.top_k
         )
         z = router_z_loss(routing.logits_TN)
         stats = MoEStats(
-            tokens_per_expert=plan.tokens_per_expert,
-            total_tokens=plan.total_tokens,
+            tokens_per_expert=counts.tokens_per_expert,
+            total_tokens=counts.total_tokens,
             aux_loss=aux,
             z_loss=z,
             loss=self.spec.aux_loss_coef * aux + self.spec.z_loss_coef * z,
-            dropped_tokens=plan.dropped_tokens,
-            gatepro_penalised=plan.gatepro_penalised,
-            gatepro_topk_changed=plan.gatepro_topk_changed,
+            dropped_tokens=counts.dropped_tokens,
+            gatepro_penalised=counts.gatepro_penalised,
+            gatepro_topk_changed=counts.gatepro_topk_changed,
         )
         return out_TD.view_as(x).to(x.dtype), stats
+
+
+@dataclass(frozen=True)
+class _GlobalCounts:
+    tokens_per_expert: torch.Tensor
+    total_tokens: int
+    dropped_tokens: int
+    gatepro_penalised: int
+    gatepro_topk_changed: int
+
+    @classmethod
+    def of(cls, plan, balance_group) -> "_GlobalCounts":
+        """The plan's EP-group counts, summed over ``balance_group`` when there is one."""
+        scalars = [plan.total_tokens, plan.dropped_tokens, plan.gatepro_penalised, plan.gatepro_topk_changed]
+        if comm.group_size(balance_group) == 1:
+            return cls(plan.tokens_per_expert, *scalars)
+        packed = torch.cat([plan.tokens_per_expert, torch.tensor(scalars, device=plan.tokens_per_expert.device)])
+        comm.all_reduce_sum(packed, balance_group)
+        n = plan.tokens_per_expert.numel()
+        return cls(packed[:n], *(int(v) for v in packed[n:].tolist()))
 
 
 def expert_parallel_shard(global_state: dict[str, torch.Tensor], module: nn.Module,

@@ -1,0 +1,63 @@
+"""The one place where process groups are built.
+
+World = dp x ep. EP groups are consecutive blocks of ``ep`` ranks; expert-data-parallel (EDP)
+groups join the ranks at the same position inside their EP group. Every rank reads its own part
+of each global batch (the EP dimension is carved out of data parallelism, as in DeepSpeed and
+Megatron), so dense gradients are averaged over the world and expert gradients over EDP.
+
+Group handles follow ``comm``'s convention: ``None`` means a group of one (no communication).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    world_size: int
+    rank: int
+    ep: int
+    ep_rank: int
+    dp: int  # expert-data-parallel size = world_size // ep
+    dp_rank: int
+    world_group: object
+    ep_group: object
+    edp_group: object
+    mesh: object  # a (dp, ep) DeviceMesh for checkpoint resharding, or None for one process
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def single_process_groups() -> ParallelGroups:
+    return ParallelGroups(1, 0, 1, 0, 1, 0, None, None, None, None)
+
+
+def build_parallel_groups(ep: int, device_type: str = "cpu") -> ParallelGroups:
+    """Build the (dp, ep) layout on an initialised default process group (collective call)."""
+    if not dist.is_initialized():
+        if ep != 1:
+            raise ValueError(f"parallel.ep={ep} needs {ep} or more processes; launch with torchrun")
+        return single_process_groups()
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % ep:
+        raise ValueError(f"parallel.ep={ep} does not divide the world size {world}; choose a divisor")
+    dp = world // ep
+    mesh = init_device_mesh(device_type, (dp, ep), mesh_dim_names=("edp", "ep"))
+    return ParallelGroups(
+        world_size=world,
+        rank=rank,
+        ep=ep,
+        ep_rank=rank % ep,
+        dp=dp,
+        dp_rank=rank // ep,
+        world_group=dist.group.WORLD if world > 1 else None,
+        ep_group=mesh.get_group("ep") if ep > 1 else None,
+        edp_group=mesh.get_group("edp") if dp > 1 else None,
+        mesh=mesh,
+    )

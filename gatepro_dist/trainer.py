@@ -1,0 +1,209 @@
+"""The training loop: data -> model -> loss -> gradients reduced over the right groups -> AdamW.
+
+Every rank reads its own slice of each global micro-batch; the slices of all ranks together are
+the same sequences whatever the layout, so dp x ep layouts follow the same loss trajectory.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import comm
+from .checkpoint import check_compatible, latest_checkpoint, load_checkpoint, read_manifest, save_checkpoint
+from .config import Config, config_hash
+from .data import GlobalBatchSampler, build_data
+from .metrics import MetricsWriter, ProgressBar
+from .model import Transformer
+from .moe import MoEStats
+from .optim import clip_gradients, global_grad_norm, lr_at, param_groups, reduce_gradients
+from .parallel import ParallelGroups
+from .routing import gate_similarity_stats
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    losses: list[float]  # global mean training loss of each step run in this call
+    val_loss: float | None
+    run_dir: Path
+
+
+def my_part(global_indices: np.ndarray, grad_accum: int, groups: ParallelGroups) -> list[np.ndarray]:
+    """This rank's share of each global micro-batch (micro-batch first, then rank)."""
+    micro = np.split(global_indices, grad_accum)
+    return [np.split(m, groups.world_size)[groups.rank] for m in micro]
+
+
+def _autocast(cfg: Config, device: torch.device):
+    if cfg.train.dtype == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _mean_over_world(values: list[float], groups: ParallelGroups) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    comm.all_reduce_sum(t, groups.world_group)
+    return (t / groups.world_size).tolist()
+
+
+class _StepStats:
+    """Per-layer MoE statistics summed over the micro-batches of one optimizer step."""
+
+    def __init__(self):
+        self.layers: list[dict] | None = None
+
+    def add(self, stats: list[MoEStats]) -> None:
+        if self.layers is None:
+            self.layers = [dict(counts=torch.zeros_like(s.tokens_per_expert), aux=0.0, z=0.0, dropped=0,
+                                penalised=0, changed=0, n=0) for s in stats]
+        for acc, s in zip(self.layers, stats):
+            acc["counts"] += s.tokens_per_expert
+            acc["aux"] += float(s.aux_loss.detach())
+            acc["z"] += float(s.z_loss.detach())
+            acc["dropped"] += s.dropped_tokens
+            acc["penalised"] += s.gatepro_penalised
+            acc["changed"] += s.gatepro_topk_changed
+            acc["n"] += 1
+
+    def records(self, groups: ParallelGroups) -> list[dict]:
+        layers = self.layers or []
+        losses = _mean_over_world([v for acc in layers for v in (acc["aux"] / acc["n"], acc["z"] / acc["n"])], groups)
+        out = []
+        for i, acc in enumerate(layers):
+            counts = acc["counts"].cpu()
+            out.append({
+                "layer": i, "zero_token_experts": int((counts == 0).sum()),
+                "max_load": int(counts.max()), "mean_load": float(counts.float().mean()),
+                "aux_loss": losses[2 * i], "z_loss": losses[2 * i + 1],
+                "dropped_tokens": acc["dropped"], "gatepro_penalised": acc["penalised"],
+                "gatepro_topk_changed": acc["changed"], "tokens_per_expert": counts.tolist(),
+            })
+        return out
+
+
+def evaluate(model, val, cfg: Config, groups: ParallelGroups, device) -> float:
+    """Mean next-token loss over the first ``eval_batches`` global batches of the validation set."""
+    per_rank = max(1, cfg.train.global_batch_size // groups.world_size)
+    total_blocks = len(val)
+    model.eval()
+    losses = []
+    with torch.no_grad(), _autocast(cfg, device):
+        for b in range(cfg.train.eval_batches):
+            start = (b * per_rank * groups.world_size + groups.rank * per_rank) % total_blocks
+            idx = (np.arange(per_rank) + start) % total_blocks
+            inputs, targets = val.batch(idx)
+            logits, _ = model(inputs.to(device))
+            losses.append(float(F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten())))
+    model.train()
+    return _mean_over_world([sum(losses) / len(losses)], groups)[0]
+
+
+def load_data(cfg: Config):
+    """Train/validation views of the configured corpus (raises DataError on bad data)."""
+    return build_data(cfg.data.source, cfg.data.seq_len, cfg.data.val_fraction, vocab_size=cfg.model.vocab_size,
+                      bin_dtype=cfg.data.bin_dtype, max_bytes=cfg.data.max_bytes)
+
+
+def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=None, log=print) -> TrainResult:
+    t = cfg.train
+    run_dir = Path(t.run_dir)
+    if groups.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(t.seed)
+
+    data = data if data is not None else load_data(cfg)
+    sampler = GlobalBatchSampler(len(data.train), t.global_batch_size, 1, 0, t.seed)
+    model = Transformer(cfg, groups.ep_group, groups.edp_group).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                                  foreach=False)
+    cfg_dict, cfg_hash = cfg.to_dict(), config_hash(cfg)
+
+    start = 0
+    resume_from = latest_checkpoint(run_dir) if t.resume == "auto" else (None if t.resume == "none" else Path(t.resume))
+    if resume_from is not None:
+        changed = check_compatible(read_manifest(resume_from), cfg_dict, resume_from)
+        state = load_checkpoint(resume_from, model, optimizer, groups)
+        sampler.load_state_dict(state["sampler"])
+        start = state["step"]
+        if groups.is_main:
+            log(f"resumed from {resume_from} at step {start}" + (f" (changed: {', '.join(changed)})" if changed else ""))
+
+    metrics = MetricsWriter(run_dir, enabled=groups.is_main)
+    if groups.is_main:
+        metrics.truncate_after(start + 1)
+    progress = ProgressBar(t.steps, enabled=groups.is_main and t.progress)
+    tokens_per_step = t.global_batch_size * cfg.data.seq_len
+    losses, val_loss = [], None
+
+    def save(step_done: int) -> None:
+        save_checkpoint(run_dir, step_done, model, optimizer, groups,
+                        {"step": step_done, "sampler": sampler.state_dict()}, cfg_dict, cfg_hash)
+
+    for step in range(start, t.steps):
+        began = time.perf_counter()
+        gatepro_on = cfg.router.gatepro.enabled_at(step)
+        model.set_gatepro(gatepro_on)
+        lr = lr_at(step, peak=t.lr, warmup=t.warmup_steps, total=t.steps, min_ratio=t.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        step_stats, ce_sum = _StepStats(), 0.0
+        for part in my_part(sampler.global_batch(step), t.grad_accum, groups):
+            inputs, targets = data.train.batch(part)
+            with _autocast(cfg, device):
+                logits, stats = model(inputs.to(device))
+            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten())
+            loss = ce + sum((s.loss for s in stats), torch.zeros((), device=device))
+            (loss / t.grad_accum).backward()
+            step_stats.add(stats)
+            ce_sum += float(ce)
+        sampler.step = step + 1
+
+        reduce_gradients(model, groups)
+        grad_norm = global_grad_norm(model, groups)
+        step_loss = _mean_over_world([ce_sum / t.grad_accum], groups)[0]
+        finite = math.isfinite(step_loss) and bool(torch.isfinite(grad_norm))
+        if finite:
+            clip_gradients(model, grad_norm, t.grad_clip)
+            optimizer.step()
+            for layer, acc in zip(model.moe_layers, step_stats.layers or []):
+                layer.router.update_bias(acc["counts"])
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - began
+        losses.append(step_loss)
+
+        done = step + 1
+        record = {"step": done, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
+                  "tokens_per_s": tokens_per_step / elapsed, "gatepro": gatepro_on,
+                  "moe": step_stats.records(groups)}
+        if not finite:
+            record["skipped"] = True
+            if t.nan_policy == "stop":
+                metrics.write(record)
+                save(done)
+                raise FloatingPointError(f"non-finite loss or gradient at step {done}; checkpoint saved, stopping")
+        if done % t.stats_every == 0 or done == t.steps:
+            with torch.no_grad():
+                for entry, layer in zip(record["moe"], model.moe_layers):
+                    entry["similarity"] = gate_similarity_stats(layer.router.gathered_weight())
+        if done % t.eval_every == 0 or done == t.steps:
+            val_loss = evaluate(model, data.val, cfg, groups, device)
+            record["val_loss"] = val_loss
+        metrics.write(record)
+        progress.update(done, loss=step_loss, tokens_per_s=record["tokens_per_s"])
+        if done % t.save_every == 0 or done == t.steps:
+            save(done)
+
+    progress.close()
+    metrics.close()
+    return TrainResult(t.steps, losses, val_loss, run_dir)
