@@ -166,7 +166,7 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
             loss = ce + sum((s.loss for s in stats), torch.zeros((), device=device))
             (loss / t.grad_accum).backward()
             step_stats.add(stats)
-            ce_sum += float(ce)
+            ce_sum += float(ce.detach())
         sampler.step = step + 1
 
         reduce_gradients(model, groups)
