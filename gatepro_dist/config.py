@@ -573,6 +573,17 @@ def _check_world(cfg: Config, world_size: int) -> None:
                     f"use a multiple of {per_step}")
 
 
+def _read_only_filesystem(path: str) -> bool:
+    """True on read-only mounts and pseudo filesystems (/proc, /sys): even root cannot write there."""
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return True
+    except OSError:
+        return True
+    real = os.path.realpath(path)
+    return any(real == p or real.startswith(p + "/") for p in ("/proc", "/sys"))
+
+
 def _check_paths(cfg: Config) -> None:
     run_dir = cfg.train.run_dir
     if not run_dir.strip():
@@ -586,7 +597,7 @@ def _check_paths(cfg: Config) -> None:
     if not os.path.isdir(ancestor):
         raise _fail("train.run_dir", run_dir, f"lies under '{ancestor}', which is a file",
                     "choose a path whose parents are directories")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
+    if not os.access(ancestor, os.W_OK | os.X_OK) or _read_only_filesystem(ancestor):
         raise _fail("train.run_dir", run_dir, f"cannot be written: '{ancestor}' is not writable",
                     "choose a writable location or fix its permissions")
     resume = cfg.train.resume
