@@ -160,6 +160,12 @@ class TrainConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    zero_stage: int = _f(0, "ZeRO stage for train.backend=deepspeed: 0 (none), 1 (optimizer states) or 2 (+ gradients)")
+    config_path: Optional[str] = _f(None, "DeepSpeed JSON merged on top of the generated one (tuning keys only); null = none")
+
+
+@dataclass
 class Config:
     model: ModelConfig = _section(ModelConfig, "transformer shape")
     moe: MoEConfig = _section(MoEConfig, "mixture of experts")
@@ -167,6 +173,7 @@ class Config:
     parallel: ParallelConfig = _section(ParallelConfig, "process layout")
     data: DataConfig = _section(DataConfig, "training text")
     train: TrainConfig = _section(TrainConfig, "optimisation, logging, checkpoints")
+    deepspeed: DeepSpeedConfig = _section(DeepSpeedConfig, "DeepSpeed engine (used when train.backend=deepspeed)")
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -497,6 +504,7 @@ def validate(cfg: Config, world_size: int) -> Config:
     _check_schedule(cfg.router.gatepro, cfg.moe.num_experts)
     _check_world(cfg, world_size)
     _check_paths(cfg)
+    _check_deepspeed(cfg, world_size)
     return cfg
 
 
@@ -609,3 +617,13 @@ def _check_paths(cfg: Config) -> None:
         if source != "stdlib" and not os.path.exists(source):
             raise _fail("data.source", source, "is neither 'stdlib' nor an existing path",
                         "point data.source at text files/dirs or .bin token files, or use 'stdlib'")
+
+
+def _check_deepspeed(cfg: Config, world_size: int) -> None:
+    """The deepspeed.* keys, and the user JSON merged with the generated DeepSpeed config.
+
+    Checked whatever the backend, so a bad key is reported before a run that would use it.
+    """
+    from .backends.deepspeed_config import deepspeed_config  # pure: no torch, no deepspeed
+
+    deepspeed_config(cfg, world_size)
