@@ -304,7 +304,7 @@ def build_data(
     if vocab_size is not None and stream.max_token() >= vocab_size:
         raise DataError(
             f"data source {stream.description} contains token id {stream.max_token()}, outside "
-            f"vocab_size={vocab_size}; raise vocab_size to at least {stream.max_token() + 1}"
+            f"vocab_size={vocab_size}; raise model.vocab_size to at least {stream.max_token() + 1}"
         )
     train_blocks, val_blocks = split_blocks(num_blocks, val_fraction)
     train = BlockView(stream, seq_len, first_block=0, num_blocks=train_blocks)
