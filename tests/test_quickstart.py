@@ -15,9 +15,9 @@ QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.ya
 
 @pytest.mark.slow
 def test_quickstart_model_learns_beyond_unigram_statistics(tmp_path):
-    # The quickstart's model and data, shortened (one process, 120 steps) to fit the test budget.
+    # The quickstart's model and data, shortened (one process, 200 steps) to fit the test budget.
     cfg = validate(load_config(str(QUICKSTART), [
-        "parallel.ep=1", "train.steps=120", "train.eval_every=120", "train.eval_batches=8",
+        "parallel.ep=1", "train.steps=200", "train.eval_every=200", "train.eval_batches=8",
         "train.save_every=1000", "train.progress=false", f"train.run_dir={tmp_path}"]), 1)
     data = load_data(cfg)
     unigram = data.val.unigram_entropy()
