@@ -1,0 +1,139 @@
+"""Grids of training runs: expand, validate, run (locally or as a Slurm array), aggregate.
+
+A sweep file is YAML:
+
+    name: gatepro_vs_baseline
+    base: configs/quickstart.yaml        # relative to the sweep file
+    out_dir: runs/sweeps/gatepro_vs_baseline
+    world: 2                             # processes per run (an axis may override it)
+    overrides: [train.steps=200]         # applied to every run
+    grid:                                # cartesian product of these axes
+      router.gatepro.enabled: [true, false]
+      router.aux_loss_coef: [0.0, 0.01]
+    runs:                                # optional: extra runs listed one by one
+      - {name: hot_swap, router.gatepro.schedule: [[0, true], [100, false]]}
+
+Axis keys are config keys, plus ``world`` (processes). Every run's config is validated before
+the first run starts. Each run writes to ``out_dir/<run name>``; a run whose metrics already
+reach its last step is not run again, so an interrupted sweep continues where it stopped.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError, load_config, validate
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    world: int
+    overrides: tuple[str, ...]  # dotted key=value, after the sweep's common overrides
+    axes: dict = field(default_factory=dict, hash=False)  # the axis values that define this run
+
+    def run_dir(self, out_dir: Path) -> Path:
+        return out_dir / self.name
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    base: Path | None
+    out_dir: Path
+    runs: tuple[Run, ...]
+
+
+def _value_text(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _slug(axes: dict) -> str:
+    parts = []
+    for key, value in axes.items():
+        short = key.split(".")[-1]
+        parts.append(f"{short}={_value_text(value)}")
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", ",".join(parts)) or "run"
+
+
+def _make_run(axes: dict, default_world: int, name: str | None = None) -> Run:
+    axes = dict(axes)
+    world_is_an_axis = "world" in axes
+    world = int(axes.pop("world", default_world))
+    overrides = tuple(f"{k}={_value_text(v)}" for k, v in axes.items())
+    shown = {**({"world": world} if world_is_an_axis else {}), **axes}
+    return Run(name or _slug(shown), world, overrides, {"world": world, **axes})
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and expand a sweep file; every run's config is validated (ConfigError on the first bad one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} does not exist; pass the path of a sweep YAML")
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"sweep file {path} is not valid YAML ({err}); fix its syntax") from None
+    known = {"name", "base", "out_dir", "world", "overrides", "grid", "runs"}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise ConfigError(f"sweep file {path} has unknown key(s) {unknown}; use only {sorted(known)}")
+    base = (path.parent / spec["base"]).resolve() if spec.get("base") else None
+    world = int(spec.get("world", 1))
+    common = tuple(spec.get("overrides", []))
+    grid = spec.get("grid", {}) or {}
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep grid axis {key} must be a non-empty list of values, got {values!r}")
+    runs = [_make_run(dict(zip(grid, combo)), world) for combo in itertools.product(*grid.values())] if grid else []
+    for extra in spec.get("runs", []) or []:
+        extra = dict(extra)
+        runs.append(_make_run(extra, world, name=extra.pop("name", None)))
+    if not runs:
+        raise ConfigError(f"sweep file {path} defines no runs; add a grid or a runs list")
+    names = [r.name for r in runs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"sweep runs have the same name {duplicates}; give the explicit runs distinct names")
+    out_dir = Path(spec.get("out_dir", f"runs/sweeps/{spec.get('name', path.stem)}"))
+    sweep = Sweep(spec.get("name", path.stem), base, out_dir,
+                  tuple(Run(r.name, r.world, common + r.overrides, r.axes) for r in runs))
+    for run in sweep.runs:
+        try:
+            validate(run_config(sweep, run), run.world)
+        except ConfigError as err:
+            raise ConfigError(f"sweep run '{run.name}': {err}") from None
+    return sweep
+
+
+def run_config(sweep: Sweep, run: Run):
+    return load_config(str(sweep.base) if sweep.base else None,
+                       [*run.overrides, f"train.run_dir={run.run_dir(sweep.out_dir)}"])
+
+
+def train_command(sweep: Sweep, run: Run, python: str = "python3") -> list[str]:
+    args = [str(sweep.base)] if sweep.base else []
+    args += [*run.overrides, f"train.run_dir={run.run_dir(sweep.out_dir)}", "train.resume=auto"]
+    if run.world == 1:
+        return [python, "-m", "gatepro_dist.cli.train", *args]
+    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={run.world}",
+            "-m", "gatepro_dist.cli.train", *args]
+
+
+def is_complete(sweep: Sweep, run: Run) -> bool:
+    metrics = run.run_dir(sweep.out_dir) / "metrics.jsonl"
+    if not metrics.is_file():
+        return False
+    steps = run_config(sweep, run).train.steps
+    last = None
+    for line in metrics.read_text().splitlines():
+        try:
+            last = json.loads(line).get("step", last)
+        except json.JSONDecodeError:
+            continue
+    return last is not None and last >= steps
