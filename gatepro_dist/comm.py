@@ -5,11 +5,43 @@ runs at ep=1 without touching torch.distributed. Every function here is a no-op 
 """
 from __future__ import annotations
 
+from collections import Counter
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 
 # torch renamed all_gather_into_tensor; use whichever this version has without a warning.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+_traffic: Counter | None = None  # set only inside count_traffic(); measurement, not model state
+
+
+@contextmanager
+def count_traffic():
+    """Tally the bytes this rank sends to other ranks, by kind, for the collectives below.
+
+    Bytes are the algorithm's payload: all-gather sends our shard to every other rank;
+    all-to-all sends the rows addressed to other ranks; a reduce-scatter sends (w-1)/w of the
+    tensor and an all-reduce twice that (ring algorithms). The communication model in
+    ``comm_model`` predicts the same quantities from the configuration.
+    """
+    global _traffic
+    previous, _traffic = _traffic, Counter()
+    try:
+        yield _traffic
+    finally:
+        _traffic = previous
+
+
+def _count(kind: str, nbytes: float) -> None:
+    if _traffic is not None:
+        _traffic[kind] += int(nbytes)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def group_size(group) -> int:
@@ -28,6 +60,7 @@ class _AllGatherRows(torch.autograd.Function):
         ctx.group = group
         world = dist.get_world_size(group)
         full = local_RD.new_empty((world * local_RD.shape[0],) + tuple(local_RD.shape[1:]))
+        _count("router_all_gather", _nbytes(local_RD) * (world - 1))
         _all_gather_flat(full, local_RD.contiguous(), group=group)
         return full
 
@@ -38,10 +71,12 @@ class _AllGatherRows(torch.autograd.Function):
         grad_full = grad_full.contiguous()
         rows = grad_full.shape[0] // world
         if dist.get_backend(group) == "nccl":
+            _count("router_grad_reduce", _nbytes(grad_full) * (world - 1) / world)
             grad_local = grad_full.new_empty((rows,) + tuple(grad_full.shape[1:]))
             dist.reduce_scatter_tensor(grad_local, grad_full, group=group)
             return grad_local, None
         # gloo has no reduce_scatter: sum everywhere, keep our rows.
+        _count("router_grad_reduce", 2 * _nbytes(grad_full) * (world - 1) / world)
         dist.all_reduce(grad_full, group=group)
         rank = dist.get_rank(group)
         return grad_full[rank * rows : (rank + 1) * rows].clone(), None
@@ -59,16 +94,24 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, output_splits: list[int], input_splits: list[int], group):
         ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
         out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
+        _count_rows_to_others(x, input_splits, group)
         dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_in = grad_out.new_empty((sum(ctx.input_splits),) + tuple(grad_out.shape[1:]))
+        _count_rows_to_others(grad_out, ctx.output_splits, ctx.group)
         dist.all_to_all_single(
             grad_in, grad_out.contiguous(), ctx.input_splits, ctx.output_splits, group=ctx.group
         )
         return grad_in, None, None, None
+
+
+def _count_rows_to_others(x: torch.Tensor, splits: list[int], group) -> None:
+    if _traffic is not None and x.shape[0]:
+        row_bytes = _nbytes(x) // x.shape[0]
+        _count("token_all_to_all", (sum(splits) - splits[dist.get_rank(group)]) * row_bytes)
 
 
 def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
@@ -83,6 +126,7 @@ def all_gather_counts(local_C: torch.Tensor, group) -> torch.Tensor:
     if group_size(group) == 1:
         return local_C.unsqueeze(0)
     flat = local_C.contiguous().reshape(-1)
+    _count("counts", _nbytes(flat) * (group_size(group) - 1))
     out = flat.new_empty(group_size(group) * flat.numel())
     _all_gather_flat(out, flat, group=group)
     return out.view((group_size(group),) + tuple(local_C.shape))
@@ -93,6 +137,7 @@ def all_to_all_counts(send_RE: torch.Tensor, group) -> torch.Tensor:
     if group_size(group) == 1:
         return send_RE.clone()
     recv = torch.empty_like(send_RE)
+    _count("counts", _nbytes(send_RE) * (group_size(group) - 1) // group_size(group))
     dist.all_to_all_single(recv, send_RE.contiguous(), group=group)
     return recv
 
@@ -100,5 +145,6 @@ def all_to_all_counts(send_RE: torch.Tensor, group) -> torch.Tensor:
 def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
     """In-place sum over ``group`` (no autograd); a no-op for a single rank."""
     if group_size(group) > 1:
+        _count("reduce", 2 * _nbytes(t) * (group_size(group) - 1) / group_size(group))
         dist.all_reduce(t, group=group)
     return t

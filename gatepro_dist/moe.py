@@ -70,6 +70,8 @@ class MoEStats:
     dropped_tokens: int  # (token, expert) assignments dropped by capacity
     gatepro_penalised: int  # (token, expert) entries that received the penalty
     gatepro_topk_changed: int  # tokens whose expert set the penalty changed
+    rows_sent: int = 0  # this rank's token rows dispatched to experts on other ranks
+    rows_received: int = 0  # rows this rank's experts received from other ranks
 
     @property
     def zero_token_experts(self) -> int:
@@ -151,6 +153,8 @@ class MoELayer(nn.Module):
             dropped_tokens=counts.dropped_tokens,
             gatepro_penalised=counts.gatepro_penalised,
             gatepro_topk_changed=counts.gatepro_topk_changed,
+            rows_sent=sum(plan.input_splits) - plan.input_splits[comm.group_rank(self.ep_group)],
+            rows_received=sum(plan.output_splits) - plan.output_splits[comm.group_rank(self.ep_group)],
         )
         return out_TD.view_as(x).to(x.dtype), stats
 

@@ -1,0 +1,45 @@
+"""Run a function on N local processes joined by a gloo process group (benchmarks and tests)."""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _entry(rank, world_size, init_file, result_dir, threads, fn, args):
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=120))
+    try:
+        result = ("ok", fn(rank, world_size, *args))
+    except BaseException:  # carried to the parent, which raises with the worker's traceback
+        result = ("error", traceback.format_exc())
+    with open(os.path.join(result_dir, f"{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+    dist.destroy_process_group()
+
+
+def run_on_ranks(world_size: int, fn, *args, threads: int = 1) -> list:
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; return each result.
+
+    ``fn`` must be importable (a module-level function). A failure on any rank raises
+    RuntimeError with that rank's traceback.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        mp.start_processes(_entry, args=(world_size, init_file, tmp, threads, fn, args),
+                           nprocs=world_size, join=True, start_method="spawn")
+        results = []
+        for rank in range(world_size):
+            with open(os.path.join(tmp, f"{rank}.pkl"), "rb") as f:
+                status, value = pickle.load(f)
+            if status != "ok":
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
+            results.append(value)
+        return results

@@ -1,0 +1,31 @@
+"""The communication model predicts exactly the bytes the layer's collectives move."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from gatepro_dist.bench.comm import measure
+from gatepro_dist.comm_model import LayerComm
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_predicted_bytes_equal_counted_bytes(ep):
+    for r in measure(ep, experts=8, hidden=16, top_k=2, tokens=64, ffn=8):
+        assert r["counted"] == r["exact"]
+        assert r["counted"]["token_all_to_all"] > 0
+
+
+def test_uniform_prediction_is_the_expected_remote_share():
+    model = LayerComm(num_experts=16, hidden_size=512, top_k=2, ep=4, tokens_per_rank=8192)
+    assert model.expected_remote_rows() == 8192 * 2 * 3 / 4
+    assert model.bytes_by_kind()["router_all_gather"] == 16 * 512 * 4 * 3 // 4
+    assert LayerComm(16, 512, 2, 1, 8192).bytes_by_kind() == {}
+
+
+def test_comm_bench_command_prints_the_table():
+    proc = subprocess.run([sys.executable, "-m", "gatepro_dist.bench.comm", "--tokens", "64", "--hidden", "16"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "predicted_equals_counted=True" in proc.stdout
