@@ -8,6 +8,10 @@ Atomicity: DCP writes into ``step_XXXXXXXX.partial``; only after every rank fini
 add the manifest, rename the directory, and then replace the ``latest`` pointer. A process killed
 mid-save leaves a ``.partial`` directory that is never read, and ``latest`` still names the
 previous complete checkpoint.
+
+A *weights-only* checkpoint (manifest ``kind: weights-only``, written by `save_weights_only`, e.g.
+by ``gatepro-convert hf-to-gp``) holds model tensors and nothing else: resuming from it loads the
+weights, starts a fresh optimizer and begins at step 0 with the sampler at its start.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from .parallel import ParallelGroups
+from .config import Config
+from .parallel import ParallelGroups, single_process_groups
 from .router import is_expert_parallel
 
 CHECKPOINTS = "checkpoints"
@@ -33,6 +38,7 @@ TRAINER_STATE = "trainer_state.json"
 SHAPE_KEYS = ("model.", "moe.num_experts", "moe.expert_ffn_dim", "moe.num_shared_experts",
               "moe.shared_expert_ffn_dim", "moe.shared_expert_gate")
 MOMENTS = ("exp_avg", "exp_avg_sq")
+FULL, WEIGHTS_ONLY = "full", "weights-only"
 
 
 class CheckpointError(ValueError):
@@ -62,6 +68,8 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer, groups: ParallelG
         expert = name in params and is_expert_parallel(params[name])
         state[f"model.{name}"] = _global_view(tensor, expert, groups)
     for name, p in params.items():
+        if optimizer is None:  # model tensors only (a weights-only checkpoint)
+            break
         slot = optimizer.state.get(p)
         if not slot and materialize:  # a fresh optimizer: allocate what DCP will fill in
             slot = optimizer.state[p] = {
@@ -78,6 +86,28 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer, groups: ParallelG
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer, groups: ParallelGroups,
                     trainer_state: dict, config: dict, config_hash: str) -> Path:
+    manifest = {"format": 1, "kind": FULL, "step": step, "world_size": groups.world_size, "ep": groups.ep,
+                "dp": groups.dp, "config_hash": config_hash, "config": config}
+    return _save(run_dir, step, _state(model, optimizer, groups, materialize=False), groups, manifest,
+                 trainer_state)
+
+
+def save_weights_only(run_dir: str | Path, model_state: dict[str, torch.Tensor], config: dict,
+                      config_hash: str, source: dict | None = None) -> Path:
+    """Write a step-0 checkpoint of model tensors only, from one process.
+
+    ``model_state`` is keyed like ``Transformer.state_dict()`` and holds *global* tensors (all
+    experts), i.e. what an ep=1 model holds; it loads at any ep and world size. ``source`` (e.g.
+    where the weights came from) is kept in the manifest.
+    """
+    manifest = {"format": 1, "kind": WEIGHTS_ONLY, "step": 0, "world_size": 1, "ep": 1, "dp": 1,
+                "config_hash": config_hash, "config": config, "source": source or {}}
+    state = {f"model.{name}": tensor for name, tensor in model_state.items()}
+    return _save(run_dir, 0, state, single_process_groups(), manifest, None)
+
+
+def _save(run_dir: str | Path, step: int, state: dict, groups: ParallelGroups, manifest: dict,
+          trainer_state: dict | None) -> Path:
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step_{step:08d}"
     partial = root / f"step_{step:08d}.partial"
@@ -87,12 +117,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer,
     _barrier(groups)
     with warnings.catch_warnings():  # DCP warns that one process without a process group is fine
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.save(_state(model, optimizer, groups, materialize=False), checkpoint_id=str(partial))
+        dcp.save(state, checkpoint_id=str(partial), no_dist=groups.world_size == 1)
     _barrier(groups)
     if groups.is_main:
-        manifest = {"format": 1, "step": step, "world_size": groups.world_size, "ep": groups.ep,
-                    "dp": groups.dp, "config_hash": config_hash, "config": config}
-        _write_json(partial / TRAINER_STATE, trainer_state)
+        if trainer_state is not None:
+            _write_json(partial / TRAINER_STATE, trainer_state)
         _write_json(partial / MANIFEST, manifest)
         if final.exists():
             shutil.rmtree(final)
@@ -121,9 +150,17 @@ def read_manifest(path: str | Path) -> dict:
     return json.loads(manifest.read_text())
 
 
+def is_weights_only(manifest: dict) -> bool:
+    return manifest.get("kind", FULL) == WEIGHTS_ONLY
+
+
 def check_compatible(manifest: dict, config: dict, path: Path) -> list[str]:
-    """Fail on a different model shape; return the other keys that changed (worth a note)."""
-    saved, now = _flatten(manifest.get("config", {})), _flatten(config)
+    """Fail on a different model shape; return the other keys that changed (worth a note).
+
+    A key the saved config lacks (added to the schema later) counts as its default value.
+    """
+    saved = {**_flatten(Config().to_dict()), **_flatten(manifest.get("config", {}))}
+    now = _flatten(config)
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     for key in changed:
         if key.startswith(SHAPE_KEYS):
@@ -135,10 +172,14 @@ def check_compatible(manifest: dict, config: dict, path: Path) -> list[str]:
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer, groups: ParallelGroups) -> dict:
-    """Load model and optimizer state in place (any saved layout); return the trainer state."""
+    """Load model and optimizer state in place (any saved layout); return the trainer state.
+
+    From a weights-only checkpoint only the model is loaded (the optimizer is left fresh) and the
+    trainer state is ``{"step": 0, "weights_only": True}``.
+    """
     path = Path(path)
-    read_manifest(path)
-    state = _state(model, optimizer, groups, materialize=True)
+    weights_only = is_weights_only(read_manifest(path))
+    state = _state(model, None if weights_only else optimizer, groups, materialize=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.load(state, checkpoint_id=str(path))
@@ -150,7 +191,27 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer, groups: Paral
             if loaded.data_ptr() != tensor.data_ptr():
                 tensor.copy_(loaded)
     del params
+    if weights_only:
+        return {"step": 0, "weights_only": True}
     return json.loads((path / TRAINER_STATE).read_text())
+
+
+def read_model_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every model tensor of a checkpoint (any kind, any saved layout) as a full global tensor,
+    keyed like ``Transformer.state_dict()``; one process, no model needed (used by exporters)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(path)
+    read_manifest(path)
+    metadata = FileSystemReader(str(path)).read_metadata()
+    state = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+             for key, meta in metadata.state_dict_metadata.items()
+             if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    return {key[len("model."):]: tensor for key, tensor in state.items()}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

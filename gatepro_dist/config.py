@@ -51,7 +51,9 @@ class ModelConfig:
     n_kv_heads: int = _f(2, "key/value heads (grouped-query attention); must divide n_heads")
     head_dim: Optional[int] = _f(None, "per-head width; null means d_model // n_heads")
     rope_base: float = _f(10000.0, "RoPE base frequency")
-    qk_norm: bool = _f(False, "RMS-normalise queries and keys per head")
+    qk_norm: bool = _f(False, "RMS-normalise queries and keys (see qk_norm_scope)")
+    qk_norm_scope: Literal["head", "projection"] = _f(
+        "head", "what qk_norm normalises: each head's vector (Qwen3-MoE) or the whole q/k projection (OLMoE)")
     qkv_bias: bool = _f(False, "bias on the query/key/value projections (Qwen2-style)")
     tie_embeddings: bool = _f(True, "share input embedding and output projection")
     norm_eps: float = _f(1e-5, "RMSNorm epsilon")
@@ -59,12 +61,15 @@ class ModelConfig:
     dense_ffn_dim: int = _f(1024, "hidden width of dense (non-MoE) FFN layers")
     moe_every: int = _f(1, "layer i is MoE iff i >= first_dense_layers and (i - first_dense_layers) % moe_every == 0")
     first_dense_layers: int = _f(0, "leading layers that use a dense FFN")
+    dense_layers: list[int] = _f([], "further layer indices with a dense FFN (Qwen-MoE's mlp_only_layers), e.g. [1, 3]")
 
     @property
     def effective_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 
     def is_moe_layer(self, layer_index: int) -> bool:
+        if layer_index in self.dense_layers:
+            return False
         offset = layer_index - self.first_dense_layers
         return offset >= 0 and offset % self.moe_every == 0
 
@@ -126,6 +131,7 @@ class DataConfig:
     seq_len: int = _f(128, "tokens per training sequence")
     val_fraction: float = _f(0.02, "share of the data held out for evaluation, in (0, 0.5]")
     max_bytes: int = _f(16777216, "read at most this many bytes of text")
+    tokenizer: Optional[str] = _f(None, "null = bytes; else a local tokenizer.json (Hugging Face `tokenizers`) that encodes text sources")
 
 
 @dataclass
@@ -420,7 +426,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
-        wants_text = tp is str or typing.get_origin(tp) is Literal or key == "data.source"
+        wants_text = tp is str or typing.get_origin(tp) is Literal or key in ("data.source", "data.tokenizer")
         if wants_text and value is not None and not isinstance(value, (str, list)):
             value = raw  # e.g. train.run_dir=007 stays "007"
         _set(cfg, key, _coerce(key, value, tp, origin))
@@ -544,6 +550,10 @@ def _check_shapes(cfg: Config) -> None:
     if cfg.data.seq_len > m.max_seq_len:
         raise _fail("data.seq_len", cfg.data.seq_len, f"exceeds model.max_seq_len={m.max_seq_len}",
                     "lower data.seq_len or raise model.max_seq_len")
+    for i, layer in enumerate(m.dense_layers):
+        if not 0 <= layer < m.n_layers:
+            raise _fail(f"model.dense_layers[{i}]", layer, f"is not a layer index of model.n_layers={m.n_layers}",
+                        f"list layer indices in [0, {m.n_layers - 1}]")
     if isinstance(cfg.data.source, list) and not cfg.data.source:
         raise _fail("data.source", [], "is an empty list", "name at least one path or use 'stdlib'")
 
@@ -612,6 +622,10 @@ def _check_paths(cfg: Config) -> None:
     if resume not in ("none", "auto") and not os.path.exists(resume):
         raise _fail("train.resume", resume, "is neither 'none', 'auto' nor an existing checkpoint path",
                     "pass 'none', 'auto' or the path of a saved checkpoint directory")
+    tokenizer = cfg.data.tokenizer
+    if tokenizer is not None and not os.path.isfile(tokenizer):
+        raise _fail("data.tokenizer", tokenizer, "is not an existing file",
+                    "point data.tokenizer at a local tokenizer.json, or set it to null for bytes")
     sources = cfg.data.source if isinstance(cfg.data.source, list) else [cfg.data.source]
     for source in sources:
         if source != "stdlib" and not os.path.exists(source):

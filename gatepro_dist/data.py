@@ -3,11 +3,12 @@ data-parallel sampler whose global batch does not depend on the world size.
 
 Public API
 ----------
-load_tokens(source, *, bin_dtype="uint16", max_bytes=16 MiB, suffixes=(".txt", ".py", ".md")) -> TokenStream
+load_tokens(source, *, bin_dtype="uint16", max_bytes=16 MiB, suffixes=(".txt", ".py", ".md"), tokenizer=None) -> TokenStream
     source is "stdlib" (the Python standard library's own source, byte-level), a path, or a list
     of paths. Files ending in ".bin" are pre-tokenized memory-mapped arrays of `bin_dtype`;
-    every other file is read as bytes (vocab 256); directories are expanded recursively, sorted,
-    keeping files whose name ends in one of `suffixes`.
+    every other file is read as bytes (vocab 256), or, when `tokenizer` names a local
+    tokenizer.json, encoded with it (the Hugging Face `tokenizers` library); directories are
+    expanded recursively, sorted, keeping files whose name ends in one of `suffixes`.
 build_data(source, seq_len, val_fraction=0.1, *, vocab_size=None, **load_kwargs) -> DataSplit(train, val)
     Cuts the stream into contiguous blocks of seq_len + 1 tokens (inputs plus the shifted target)
     and keeps the LAST `val_fraction` of blocks (at least one) for validation. The tail is used,
@@ -186,12 +187,54 @@ def _memmap_bin(file: Path, bin_dtype: str) -> np.ndarray:
     return np.memmap(file, dtype=bin_dtype, mode="r")
 
 
+# Text is encoded in pieces of about this many characters, cut after a newline, so the Rust
+# tokenizer can spread them over threads (a cut changes at most the tokens around one newline).
+ENCODE_PIECE_CHARS = 1 << 16
+
+
+def load_text_tokenizer(path: str | os.PathLike):
+    """A `tokenizers.Tokenizer` from a local tokenizer.json (nothing is downloaded)."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise DataError(
+            f"data.tokenizer={path} needs the `tokenizers` library; pip install 'gatepro_dist[hf]'"
+        ) from None
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # the library raises a plain Exception for unreadable files
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"tokenizer {path} cannot be read ({first_line}); point it at a tokenizer.json") from None
+
+
+def encode_text(data: bytes, tokenizer) -> np.ndarray:
+    """Token ids of UTF-8 `data` (invalid bytes become U+FFFD) under `tokenizer`, as uint32."""
+    text = data.decode("utf-8", errors="replace")
+    pieces, start = [], 0
+    while start < len(text):
+        cut = text.find("\n", start + ENCODE_PIECE_CHARS)
+        stop = len(text) if cut < 0 else cut + 1
+        pieces.append(text[start:stop])
+        start = stop
+    encodings = tokenizer.encode_batch(pieces, add_special_tokens=False)
+    ids = [np.asarray(e.ids, dtype=np.uint32) for e in encodings]
+    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.uint32)
+
+
+def _text_stream(data: bytes, description: str, tokenizer: str | os.PathLike | None) -> TokenStream:
+    if tokenizer is None:
+        return TokenStream([np.frombuffer(data, dtype=np.uint8)], description, byte_level=True)
+    ids = encode_text(data, load_text_tokenizer(tokenizer))
+    return TokenStream([ids], f"{description}, encoded with {tokenizer}", byte_level=False)
+
+
 def load_tokens(
     source: str | os.PathLike | Sequence[str | os.PathLike],
     *,
     bin_dtype: str = "uint16",
     max_bytes: int = DEFAULT_MAX_BYTES,
     suffixes: Sequence[str] = DEFAULT_SUFFIXES,
+    tokenizer: str | os.PathLike | None = None,
 ) -> TokenStream:
     """The tokens named by `source`; see the module docstring for what a source may be."""
     if bin_dtype not in BIN_DTYPES:
@@ -203,7 +246,7 @@ def load_tokens(
         files = [root / rel for rel in stdlib_corpus_files(root)]
         data = _read_text_bytes(files, max_bytes)
         description = f"stdlib corpus of Python {sysconfig.get_python_version()} ({root})"
-        return TokenStream([np.frombuffer(data, dtype=np.uint8)], description, byte_level=True)
+        return _text_stream(data, description, tokenizer)
 
     paths = [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
     if not paths:
@@ -221,8 +264,7 @@ def load_tokens(
         stream = TokenStream(parts, f"{len(files)} {bin_dtype} token file(s): {named}", byte_level=False)
     else:
         data = _read_text_bytes(files, max_bytes)
-        description = f"{len(files)} text file(s): {named}"
-        stream = TokenStream([np.frombuffer(data, dtype=np.uint8)], description, byte_level=True)
+        stream = _text_stream(data, f"{len(files)} text file(s): {named}", tokenizer)
     if len(stream) == 0:
         raise DataError(f"data source {named} contains no bytes; point it at non-empty files")
     return stream

@@ -49,15 +49,22 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(m.d_model, m.n_kv_heads * self.head_dim, bias=m.qkv_bias)
         self.v_proj = nn.Linear(m.d_model, m.n_kv_heads * self.head_dim, bias=m.qkv_bias)
         self.o_proj = nn.Linear(m.n_heads * self.head_dim, m.d_model, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, m.norm_eps) if m.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, m.norm_eps) if m.qk_norm else None
+        # QK-norm per head (Qwen3-MoE) or over the whole projection, all heads at once (OLMoE).
+        self.qk_norm_per_head = m.qk_norm_scope == "head"
+        q_width, k_width = ((self.head_dim, self.head_dim) if self.qk_norm_per_head
+                            else (m.n_heads * self.head_dim, m.n_kv_heads * self.head_dim))
+        self.q_norm = RMSNorm(q_width, m.norm_eps) if m.qk_norm else None
+        self.k_norm = RMSNorm(k_width, m.norm_eps) if m.qk_norm else None
 
     def forward(self, x_BSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x_BSD.shape
-        q = self.q_proj(x_BSD).view(batch, seq, self.n_heads, self.head_dim)
-        k = self.k_proj(x_BSD).view(batch, seq, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x_BSD).view(batch, seq, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        q, k, v = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
+        if self.q_norm is not None and not self.qk_norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(batch, seq, self.n_heads, self.head_dim)
+        k = k.view(batch, seq, self.n_kv_heads, self.head_dim)
+        v = v.view(batch, seq, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         q_BHSD = apply_rope(q.transpose(1, 2), cos_SD, sin_SD)
         k_BHSD = apply_rope(k.transpose(1, 2), cos_SD, sin_SD)

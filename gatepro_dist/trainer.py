@@ -24,6 +24,7 @@ from .model import Transformer
 from .moe import MoEStats
 from .optim import clip_gradients, global_grad_norm, lr_at, param_groups, reduce_gradients
 from .parallel import ParallelGroups
+from .preemption import Preempted, PreemptionWatch
 from .routing import gate_similarity_stats
 
 
@@ -108,10 +109,15 @@ def evaluate(model, val, cfg: Config, groups: ParallelGroups, device) -> float:
 def load_data(cfg: Config):
     """Train/validation views of the configured corpus (raises DataError on bad data)."""
     return build_data(cfg.data.source, cfg.data.seq_len, cfg.data.val_fraction, vocab_size=cfg.model.vocab_size,
-                      bin_dtype=cfg.data.bin_dtype, max_bytes=cfg.data.max_bytes)
+                      bin_dtype=cfg.data.bin_dtype, max_bytes=cfg.data.max_bytes, tokenizer=cfg.data.tokenizer)
 
 
-def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=None, log=print) -> TrainResult:
+def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=None, log=print,
+          preemption: PreemptionWatch | None = None) -> TrainResult:
+    if cfg.train.backend == "deepspeed":
+        from .backends.deepspeed_trainer import train as train_on_deepspeed
+
+        return train_on_deepspeed(cfg, groups, device, data, log, preemption)
     t = cfg.train
     run_dir = Path(t.run_dir)
     if groups.is_main:
@@ -133,10 +139,14 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
     if resume_from is not None:
         changed = check_compatible(read_manifest(resume_from), cfg_dict, resume_from)
         state = load_checkpoint(resume_from, model, optimizer, groups)
-        sampler.load_state_dict(state["sampler"])
-        start = state["step"]
+        if state.get("weights_only"):  # e.g. an imported model: fresh optimizer, data from the start
+            what = f"initialised weights from {resume_from} (weights only: fresh optimizer, step 0)"
+        else:
+            sampler.load_state_dict(state["sampler"])
+            start = state["step"]
+            what = f"resumed from {resume_from} at step {start}"
         if groups.is_main:
-            log(f"resumed from {resume_from} at step {start}" + (f" (changed: {', '.join(changed)})" if changed else ""))
+            log(what + (f" (changed: {', '.join(changed)})" if changed else ""))
 
     metrics = MetricsWriter(run_dir, enabled=groups.is_main)
     if groups.is_main:
@@ -201,8 +211,14 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
             record["val_loss"] = val_loss
         metrics.write(record)
         progress.update(done, loss=step_loss, tokens_per_s=record["tokens_per_s"])
-        if done % t.save_every == 0 or done == t.steps:
+        # Every rank agrees on the step to stop at (a MAX all-reduce of the signal flag).
+        stop = preemption.agreed(groups.world_group, device) if preemption is not None and done < t.steps else 0
+        if stop or done % t.save_every == 0 or done == t.steps:
             save(done)
+        if stop:
+            progress.close()
+            metrics.close()
+            raise Preempted(done, stop, latest_checkpoint(run_dir))
 
     progress.close()
     metrics.close()

@@ -8,7 +8,9 @@
 #   launch/local_slurm.sh down DIR       # stop what `up` started
 #
 # Ports: SLURMCTLD_PORT (default 6817) and SLURMD_PORT (default 6818); give parallel clusters
-# their own ports and directories. CPUS (default: nproc) sets the node's CPU count.
+# their own ports and directories. CPUS (default: nproc) sets the node's CPU count. MIN_JOB_AGE
+# (default 300 s) is how long a finished job stays visible; `sbatch --wait` polls after 2, 8, 32 s,
+# growing the interval only while it is under MIN_JOB_AGE/2, so MIN_JOB_AGE=10 makes it poll faster.
 set -euo pipefail
 
 die() { echo "local_slurm.sh: error: $*" >&2; exit 1; }
@@ -56,7 +58,7 @@ SlurmdLogFile=$dir/log/slurmd.log
 SlurmctldPort=${SLURMCTLD_PORT:-6817}
 SlurmdPort=${SLURMD_PORT:-6818}
 KillWait=10
-MinJobAge=300
+MinJobAge=${MIN_JOB_AGE:-300}
 NodeName=$host NodeAddr=127.0.0.1 CPUs=${CPUS:-$(nproc)} RealMemory=1000 State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 EOF
@@ -89,8 +91,13 @@ down() {
     local dir=${1:?usage: local_slurm.sh down DIR}
     dir=$(cd "$dir" && pwd)
     export SLURM_CONF=$dir/slurm.conf
+    # Cancel what still runs and let slurmd reap its step daemons before the daemons go away.
+    scancel --quiet "--user=$(id -un)" 2>/dev/null || true
+    local deadline=$((SECONDS + 30))
+    while [ -n "$(squeue -h 2>/dev/null)" ] && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
     scontrol shutdown >/dev/null 2>&1 || true
-    local pid deadline=$((SECONDS + 20))
+    local pid
+    deadline=$((SECONDS + 20))
     for f in ctld.launcher.pid slurmd.launcher.pid; do
         [ -f "$dir/$f" ] || continue
         pid=$(cat "$dir/$f")

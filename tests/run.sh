@@ -2,7 +2,11 @@
 # The test command: installs what the suite needs, then runs it. Exit code 5 (no tests) fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-bash launch/install.sh || exit 1
+# The suite needs DeepSpeed, Megatron-core and the Hugging Face libraries (backend and interop
+# tests), mpi4py + Open MPI (pip) and a Slurm cluster (apt); install.sh brings them all.
+GATEPRO_WITH="${GATEPRO_WITH:-deepspeed megatron hf}" \
+GATEPRO_EXTRAS="${GATEPRO_EXTRAS:+$GATEPRO_EXTRAS,}mpi" GATEPRO_SYSTEM_PACKAGES="${GATEPRO_SYSTEM_PACKAGES:-slurm}" \
+    bash launch/install.sh || exit 1
 ${PYTHON:-python3} -m pytest -q -p no:cacheprovider "$@"
 code=$?
 if [ "$code" -eq 5 ]; then echo "pytest collected no tests: failing on purpose" >&2; exit 1; fi

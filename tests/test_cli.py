@@ -13,7 +13,7 @@ from test_trainer import TINY
 def run_cli(args, tmp_path, world_size=None):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     if world_size is not None:  # what torchrun would export; validation needs no process group
-        env.update(RANK="0", WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+        env.update(RANK="0", WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29511")
     return subprocess.run([sys.executable, "-m", "gatepro_dist.cli.train", *args], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=120)
 

@@ -1,18 +1,24 @@
 """`gatepro-train CONFIG [key=value ...]`: train an MoE language model with the GatePro router.
 
-Works standalone (one process) and under torchrun with any number of processes. Every check
-on the configuration and the data runs before a process group or any file is created; a bad
-input exits with code 2 and one line naming the problem and the fix.
+Works standalone (one process) and under torchrun, srun or mpirun with any number of processes
+(see docs/launch.md). Every check on the configuration, the data and the launcher's environment
+runs before a process group or any file is created; a bad input exits with code 2 and one line
+naming the problem and the fix. Exit codes: 0 done, 2 bad input, 3 lost contact with another rank,
+75 preempted (checkpoint written; requeue and resume with train.resume=auto).
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import torch.distributed as dist
 
 from ..config import ConfigError, help_text, load_config, validate
 from ..data import DataError
-from ..topology import detect_topology, init_distributed
+from ..preemption import (EXIT_BAD_INPUT, EXIT_LOST_RANK, EXIT_PREEMPTED, Preempted, PreemptionWatch,
+                          is_lost_contact, lost_contact_message)
+from ..topology import (TopologyError, complete_world, detect_topology, find_rendezvous, init_distributed,
+                        rank_map)
 
 USAGE = """usage: gatepro-train [CONFIG.yaml] [key=value ...]
 
@@ -23,9 +29,9 @@ Keys (dotted, override any YAML value; values are parsed as YAML):
 """
 
 
-def fail(message: str) -> int:
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
     print(f"gatepro-train: error: {message}", file=sys.stderr)
-    return 2
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,23 +40,47 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE + help_text())
         return 0
     config_path = args.pop(0) if args and "=" not in args[0] else None
-    topology = detect_topology()
     try:
+        topology = complete_world(detect_topology())  # ranks from torchrun, Slurm, MPI or PMIx
         cfg = validate(load_config(config_path, args), topology.world_size)
         from ..trainer import load_data, train  # torch-heavy imports after the cheap checks
 
         data = load_data(cfg)
-    except (ConfigError, DataError) as err:
+        topology = find_rendezvous(topology)  # may ask scontrol or MPI; checks MASTER_ADDR resolves
+    except (ConfigError, DataError, TopologyError) as err:
         return fail(str(err))
 
-    device = init_distributed(topology, cfg.parallel.backend, cfg.parallel.timeout_s)
+    preemption = PreemptionWatch().install()  # SIGTERM/SIGUSR1 now mean: checkpoint, then exit 75
+    try:
+        device = init_distributed(topology, cfg.parallel.backend, cfg.parallel.timeout_s)
+        return _run(cfg, topology, device, data, train, preemption)
+    except Preempted as stop:
+        return _preempted(stop, topology)
+    except Exception as err:
+        if not is_lost_contact(err):
+            raise
+        if not dist.is_initialized():
+            return fail(f"could not join the job at {topology.master_addr}:{topology.master_port} "
+                        f"within parallel.timeout_s={cfg.parallel.timeout_s:g}: {str(err).splitlines()[0]}",
+                        EXIT_LOST_RANK)
+        from ..checkpoint import latest_checkpoint
+
+        message = lost_contact_message(err, cfg.parallel.timeout_s, latest_checkpoint(cfg.train.run_dir))
+        print(f"gatepro-train: error: {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_LOST_RANK)  # a broken gloo/NCCL group can block in its destructor: leave now
+
+
+def _run(cfg, topology, device, data, train, preemption) -> int:
     from ..parallel import build_parallel_groups
 
     groups = build_parallel_groups(cfg.parallel.ep, device.type)
+    table = rank_map(topology, groups)
     if groups.is_main:
+        print("gatepro-train: " + table, flush=True)
         print(f"gatepro-train: world={groups.world_size} ep={groups.ep} dp={groups.dp} "
               f"device={device.type} run_dir={cfg.train.run_dir}", flush=True)
-    result = train(cfg, groups, device, data=data)
+    result = train(cfg, groups, device, data=data, preemption=preemption)
     if groups.is_main:
         from ..report import write_report
 
@@ -62,6 +92,20 @@ def main(argv: list[str] | None = None) -> int:
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
+
+
+def _preempted(stop: Preempted, topology) -> int:
+    """Every rank saved step `stop.step` together; exit so that the batch script requeues."""
+    if topology.rank == 0:
+        print(f"gatepro-train: {stop}; exiting with {EXIT_PREEMPTED} so the job is requeued "
+              f"(the next start resumes with train.resume=auto)", file=sys.stderr, flush=True)
+        marker = os.environ.get("GATEPRO_PREEMPTED_MARKER")  # set by launch/*.sbatch
+        if marker:
+            with open(marker, "w") as fh:
+                fh.write(f"{stop.step} {stop.checkpoint}\n")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return EXIT_PREEMPTED
 
 
 if __name__ == "__main__":

@@ -1,0 +1,141 @@
+"""``train.backend=deepspeed``: the native training loop's data, model and metrics on a DeepSpeed engine.
+
+Same sampler, same model, same loss, same LR schedule, same metrics records as ``trainer.train``;
+what changes is who reduces gradients (DeepSpeed, over our groups, see ``deepspeed_engine``), who
+holds optimizer state (ZeRO 1/2 partition it), and the checkpoint format (DeepSpeed's). In fp32
+the loss trajectory equals the native backend's (tests/test_deepspeed_backend.py).
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import comm
+from ..checkpoint import check_compatible, latest_checkpoint, read_manifest
+from ..config import Config, config_hash
+from ..data import GlobalBatchSampler
+from ..metrics import MetricsWriter, ProgressBar
+from ..model import Transformer
+from ..optim import clip_gradients, global_grad_norm, lr_at
+from ..parallel import ParallelGroups
+from ..preemption import Preempted, PreemptionWatch
+from ..routing import gate_similarity_stats
+from ..trainer import TrainResult, _mean_over_world, _StepStats, evaluate, load_data, my_part
+from .deepspeed_config import trainer_clips
+from .deepspeed_engine import (build_engine, ensure_process_group, import_deepspeed, load_deepspeed_checkpoint,
+                               save_deepspeed_checkpoint)
+
+
+def _all_finite(value: float, groups: ParallelGroups) -> bool:
+    bad = torch.tensor([0.0 if math.isfinite(value) else 1.0])
+    comm.all_reduce_sum(bad, groups.world_group)
+    return float(bad) == 0.0
+
+
+def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=None, log=print,
+          preemption: PreemptionWatch | None = None) -> TrainResult:
+    t = cfg.train
+    deepspeed = import_deepspeed(device)
+    groups = ensure_process_group(groups, cfg, device)
+    run_dir = Path(t.run_dir)
+    if groups.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(t.seed)
+
+    data = data if data is not None else load_data(cfg)
+    sampler = GlobalBatchSampler(len(data.train), t.global_batch_size, 1, 0, t.seed)
+    model = Transformer(cfg, groups.ep_group, groups.edp_group).to(device)
+    engine = build_engine(deepspeed, cfg, groups, model)
+    cfg_dict, cfg_hash = cfg.to_dict(), config_hash(cfg)
+    we_clip = trainer_clips(cfg)
+
+    start = 0
+    resume_from = latest_checkpoint(run_dir) if t.resume == "auto" else (None if t.resume == "none" else Path(t.resume))
+    if resume_from is not None:
+        changed = check_compatible(read_manifest(resume_from), cfg_dict, resume_from)
+        state = load_deepspeed_checkpoint(engine, model, resume_from, groups, cfg_dict)
+        sampler.load_state_dict(state["sampler"])
+        start = state["step"]
+        if groups.is_main:
+            log(f"resumed from {resume_from} at step {start}" + (f" (changed: {', '.join(changed)})" if changed else ""))
+
+    metrics = MetricsWriter(run_dir, enabled=groups.is_main)
+    if groups.is_main:
+        metrics.truncate_after(start + 1)
+    progress = ProgressBar(t.steps, enabled=groups.is_main and t.progress)
+    tokens_per_step = t.global_batch_size * cfg.data.seq_len
+    losses, val_loss = [], None
+
+    def save(step_done: int) -> None:
+        save_deepspeed_checkpoint(engine, model, run_dir, step_done, groups,
+                                  {"step": step_done, "sampler": sampler.state_dict()}, cfg_dict, cfg_hash)
+
+    for step in range(start, t.steps):
+        began = time.perf_counter()
+        gatepro_on = cfg.router.gatepro.enabled_at(step)
+        model.set_gatepro(gatepro_on)
+        lr = lr_at(step, peak=t.lr, warmup=t.warmup_steps, total=t.steps, min_ratio=t.min_lr_ratio)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+
+        step_stats, ce_sum, grad_norm = _StepStats(), 0.0, None
+        parts = my_part(sampler.global_batch(step), t.grad_accum, groups)
+        for micro, part in enumerate(parts):
+            inputs, targets = data.train.batch(part)
+            logits, stats = engine(inputs.to(device))
+            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten())
+            loss = ce + sum((s.loss for s in stats), torch.zeros((), device=device))
+            if not _all_finite(float(loss.detach()), groups):
+                # The engine has already taken earlier micro-batches' gradients (ZeRO-2 reduces
+                # them as they arrive), so unlike the native trainer it cannot drop this step.
+                raise FloatingPointError(
+                    f"non-finite loss at step {step + 1}; the deepspeed backend stops on it (its engine "
+                    "cannot skip a step); resume from the last checkpoint with a lower train.lr")
+            engine.backward(loss)  # scales by 1/grad_accum; reduces gradients on the last micro-batch
+            if we_clip and micro == len(parts) - 1:
+                grad_norm = global_grad_norm(model, groups)
+                clip_gradients(model, grad_norm, t.grad_clip)
+            engine.step()
+            step_stats.add(stats)
+            ce_sum += float(ce.detach())
+        sampler.step = step + 1
+        if grad_norm is None:
+            grad_norm = torch.tensor(float(engine.get_global_grad_norm() or 0.0))
+        for layer, acc in zip(model.moe_layers, step_stats.layers or []):
+            layer.router.update_bias(acc["counts"])
+        step_loss = _mean_over_world([ce_sum / t.grad_accum], groups)[0]
+        elapsed = time.perf_counter() - began
+        losses.append(step_loss)
+
+        done = step + 1
+        record = {"step": done, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
+                  "tokens_per_s": tokens_per_step / elapsed, "gatepro": gatepro_on,
+                  "moe": step_stats.records(groups)}
+        if done % t.stats_every == 0 or done == t.steps:
+            with torch.no_grad():
+                for entry, layer in zip(record["moe"], model.moe_layers):
+                    entry["similarity"] = gate_similarity_stats(layer.router.gathered_weight())
+        if done % t.eval_every == 0 or done == t.steps:
+            val_loss = evaluate(engine.module, data.val, cfg, groups, device)
+            record["val_loss"] = val_loss
+        metrics.write(record)
+        progress.update(done, loss=step_loss, tokens_per_s=record["tokens_per_s"])
+        # As in the native trainer: every rank agrees on the step to stop at, then checkpoints.
+        stop = preemption.agreed(groups.world_group, device) if preemption is not None and done < t.steps else 0
+        if stop or done % t.save_every == 0 or done == t.steps:
+            save(done)
+        if stop:
+            progress.close()
+            metrics.close()
+            raise Preempted(done, stop, latest_checkpoint(run_dir))
+
+    progress.close()
+    metrics.close()
+    return TrainResult(t.steps, losses, val_loss, run_dir)
