@@ -2,6 +2,8 @@
 
 One *assignment* is a (token, expert) pair chosen by the router; a token has top_k of them.
 The plan is computed once per forward from the routing and consumed by dispatch and combine.
+Shapes in names: T tokens, K = top_k, A = T * K assignments, S rows sent (A minus capacity
+drops), D hidden size.
 
 Order of assignments on the wire is by global expert id, then by token; destination ranks own
 consecutive expert blocks, so "by expert" is also "by destination". Received rows arrive ordered
@@ -29,17 +31,24 @@ DROP_POLICIES = ("position", "probs")
 
 @dataclass(frozen=True)
 class DispatchPlan:
-    send_token_T: torch.Tensor  # token index of each sent row (kept assignments, by expert)
-    send_assignment_A: torch.Tensor  # flat index (token * K + slot) of each sent row
+    send_token_S: torch.Tensor  # token index of each sent row (kept assignments, by expert)
+    send_assignment_S: torch.Tensor  # flat index (token * K + slot) of each sent row
+    row_of_assignment_A: torch.Tensor  # sent row of each assignment; dropped ones: row S (a zero row)
     input_splits: list[int]  # rows sent to each EP rank
     output_splits: list[int]  # rows received from each EP rank
-    recv_to_grouped: torch.Tensor  # permutation: received rows -> grouped by local expert
+    recv_to_grouped: torch.Tensor | None  # permutation: received rows -> grouped by local expert
+    grouped_to_recv: torch.Tensor | None  # its inverse; both None when rows arrive grouped already
     tokens_per_local_expert: torch.Tensor  # [E_local] rows each local expert computes
     tokens_per_expert: torch.Tensor  # [N] routed assignments per expert in the EP group, before drops
     total_tokens: int  # tokens in the EP group
     dropped_tokens: int  # assignments dropped by capacity in the EP group
     gatepro_penalised: int  # summed over the EP group
     gatepro_topk_changed: int  # summed over the EP group
+
+    @property
+    def drops_here(self) -> bool:
+        """Did capacity drop any of this rank's assignments?"""
+        return self.send_assignment_S.numel() < self.row_of_assignment_A.numel()
 
 
 def plan_dispatch(
@@ -85,12 +94,16 @@ def plan_dispatch(
 
     send_RE = kept_N.view(ep_size, num_local)
     recv_RE = comm.all_to_all_counts(send_RE, ep_group)
+    # Rows from one source rank, or for one local expert, arrive grouped already.
+    recv_to_grouped = _group_by_local_expert(recv_RE) if ep_size > 1 and num_local > 1 else None
     return DispatchPlan(
-        send_token_T=order_A // top_k,
-        send_assignment_A=order_A,
+        send_token_S=order_A // top_k,
+        send_assignment_S=order_A,
+        row_of_assignment_A=_inverse_permutation(order_A, expert_A.numel()),
         input_splits=send_RE.sum(1).tolist(),
         output_splits=recv_RE.sum(1).tolist(),
-        recv_to_grouped=_group_by_local_expert(recv_RE),
+        recv_to_grouped=recv_to_grouped,
+        grouped_to_recv=None if recv_to_grouped is None else _inverse_permutation(recv_to_grouped),
         tokens_per_local_expert=recv_RE.sum(0),
         tokens_per_expert=tokens_per_expert_N,
         total_tokens=total_tokens,
@@ -98,6 +111,14 @@ def plan_dispatch(
         gatepro_penalised=int(gathered_RC[:, num_experts + 1].sum()),
         gatepro_topk_changed=int(gathered_RC[:, num_experts + 2].sum()),
     )
+
+
+def _inverse_permutation(order: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """inverse[order[i]] = i. Positions ``order`` does not reach (dropped assignments) get len(order)."""
+    size = order.numel() if size is None else size
+    inverse = torch.full((size,), order.numel(), dtype=order.dtype, device=order.device)
+    inverse[order] = torch.arange(order.numel(), dtype=order.dtype, device=order.device)
+    return inverse
 
 
 def _group_by_local_expert(recv_RE: torch.Tensor) -> torch.Tensor:
@@ -150,20 +171,48 @@ def _keep_mask(order_A, expert_A, weight_A, counts_RN, capacity, policy, first_t
     return (weight > w_th) | ((weight == w_th) & (gtoken <= t_th))
 
 
+class _PermuteRows(torch.autograd.Function):
+    """rows[order] for a permutation ``order``: the backward is the gather grad[inverse].
+
+    Autograd's own backward for indexing scatters into a zero-filled tensor: two passes over the
+    rows instead of one, and an accumulating scatter where a gather suffices.
+    """
+
+    @staticmethod
+    def forward(ctx, rows_MD: torch.Tensor, order_M: torch.Tensor, inverse_M: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse_M)
+        return rows_MD.index_select(0, order_M)
+
+    @staticmethod
+    def backward(ctx, grad_MD: torch.Tensor):
+        (inverse_M,) = ctx.saved_tensors
+        return grad_MD.index_select(0, inverse_M), None, None
+
+
+def permute_rows(rows_MD: torch.Tensor, order_M: torch.Tensor | None, inverse_M: torch.Tensor | None) -> torch.Tensor:
+    return rows_MD if order_M is None else _PermuteRows.apply(rows_MD, order_M, inverse_M)
+
+
 def dispatch(x_TD: torch.Tensor, plan: DispatchPlan, ep_group=None) -> torch.Tensor:
     """Rows for the local experts, grouped by local expert: [sum(tokens_per_local_expert), D]."""
-    send_SD = x_TD[plan.send_token_T]
+    # index_select, not x_TD[...]: its backward is index_add, much cheaper on CPU than index_put.
+    send_SD = x_TD.index_select(0, plan.send_token_S)
     recv_RD = comm.all_to_all(send_SD, plan.output_splits, plan.input_splits, ep_group)
-    return recv_RD[plan.recv_to_grouped]
+    return permute_rows(recv_RD, plan.recv_to_grouped, plan.grouped_to_recv)
 
 
 def combine(
     y_grouped: torch.Tensor, plan: DispatchPlan, weights_TK: torch.Tensor, num_tokens: int, ep_group=None
 ) -> torch.Tensor:
     """Send expert outputs back and sum them per token with the mixture weights: [T, D]."""
-    recv_RD = torch.empty_like(y_grouped)
-    recv_RD = recv_RD.index_copy(0, plan.recv_to_grouped, y_grouped)
+    recv_RD = permute_rows(y_grouped, plan.grouped_to_recv, plan.recv_to_grouped)
     back_SD = comm.all_to_all(recv_RD, plan.input_splits, plan.output_splits, ep_group)
-    weight_S = weights_TK.reshape(-1)[plan.send_assignment_A].to(back_SD.dtype)
-    out_TD = back_SD.new_zeros((num_tokens, back_SD.shape[1]))
-    return out_TD.index_add(0, plan.send_token_T, back_SD * weight_S[:, None])
+    if plan.drops_here:  # dropped assignments read an appended zero row
+        back_SD = torch.cat([back_SD, back_SD.new_zeros((1, back_SD.shape[1]))])
+        back_AD = back_SD.index_select(0, plan.row_of_assignment_A)
+    else:  # every assignment has its own row: a permutation
+        back_AD = permute_rows(back_SD, plan.row_of_assignment_A, plan.send_assignment_S)
+    top_k = weights_TK.shape[1]
+    back_TKD = back_AD.view(num_tokens, top_k, back_AD.shape[1])
+    # [T, 1, K] @ [T, K, D]: the weighted sum over each token's K expert outputs in one batched GEMM.
+    return torch.bmm(weights_TK.unsqueeze(1).to(back_TKD.dtype), back_TKD).squeeze(1)

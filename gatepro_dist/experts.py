@@ -27,18 +27,46 @@ def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+class _SwiGLUActivation(torch.autograd.Function):
+    """silu(gate) * up, from the fused [gate | up] projection h [M, 2F].
+
+    Autograd of ``chunk`` would build the gradient of h from its two halves with a concatenation
+    (one more pass over the largest activation); this backward writes both halves in place into one
+    contiguous [M, 2F] tensor, the layout grouped_mm's backward needs.
+    """
+
+    @staticmethod
+    def forward(ctx, h_MF2: torch.Tensor) -> torch.Tensor:
+        gate_MF, up_MF = h_MF2.chunk(2, dim=-1)
+        silu_gate_MF = F.silu(gate_MF)
+        ctx.save_for_backward(h_MF2, silu_gate_MF)
+        return silu_gate_MF * up_MF
+
+    @staticmethod
+    def backward(ctx, grad_MF: torch.Tensor) -> torch.Tensor:
+        h_MF2, silu_gate_MF = ctx.saved_tensors
+        gate_MF, up_MF = h_MF2.chunk(2, dim=-1)
+        grad_h_MF2 = torch.empty_like(h_MF2)
+        grad_gate_MF, grad_up_MF = grad_h_MF2.chunk(2, dim=-1)
+        torch.mul(grad_MF, silu_gate_MF, out=grad_up_MF)
+        torch.mul(grad_MF, up_MF, out=grad_gate_MF)
+        torch.ops.aten.silu_backward(grad_gate_MF, gate_MF, grad_input=grad_gate_MF)
+        return grad_h_MF2
+
+
 def swiglu_grouped(x_MD, gate_up_EDF2, down_EFD, tokens_per_expert_E) -> torch.Tensor:
     offsets_E = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
-    h_MF2 = _contiguous_grad(_grouped_mm(x_MD, gate_up_EDF2, offs=offsets_E))
-    gate_MF, up_MF = h_MF2.chunk(2, dim=-1)
-    return _contiguous_grad(_grouped_mm(F.silu(gate_MF) * up_MF, down_EFD, offs=offsets_E))
+    h_MF2 = _grouped_mm(x_MD, gate_up_EDF2, offs=offsets_E)
+    return _contiguous_grad(_grouped_mm(_SwiGLUActivation.apply(h_MF2), down_EFD, offs=offsets_E))
 
 
 def swiglu_loop(x_MD, gate_up_EDF2, down_EFD, tokens_per_expert_E) -> torch.Tensor:
     outputs = []
-    for expert, rows_MD in enumerate(torch.split(x_MD, tokens_per_expert_E.tolist())):
-        gate_MF, up_MF = (rows_MD @ gate_up_EDF2[expert]).chunk(2, dim=-1)
-        outputs.append((F.silu(gate_MF) * up_MF) @ down_EFD[expert])
+    # unbind, not indexing: the backward of weight[e] would add a full-size zero gradient per expert.
+    experts = zip(torch.split(x_MD, tokens_per_expert_E.tolist()), gate_up_EDF2.unbind(0), down_EFD.unbind(0))
+    for rows_MD, gate_up_DF2, down_FD in experts:
+        gate_MF, up_MF = (rows_MD @ gate_up_DF2).chunk(2, dim=-1)
+        outputs.append((F.silu(gate_MF) * up_MF) @ down_FD)
     return torch.cat(outputs) if outputs else x_MD.new_zeros((0, down_EFD.shape[-1]))
 
 

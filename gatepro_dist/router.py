@@ -21,6 +21,7 @@ from .routing import (
     gatepro_delta,
     most_similar_expert,
     select_top_k,
+    top_k_experts,
     topk_set_changed,
 )
 
@@ -123,8 +124,8 @@ class GateProRouter(nn.Module):
             logits_TN = x_TD.float() @ gate_weight_ND.float().t()
         bias_N = self.expert_bias if self.bias_enabled else None
 
-        plain = select_top_k(logits_TN, self.top_k, bias_N, self.normalize_topk)
         if not (self.gatepro_enabled and self.penalty > 0):
+            plain = select_top_k(logits_TN, self.top_k, bias_N, self.normalize_topk)
             return Routing(logits_TN, plain.experts_TK, plain.weights_TK, 0, 0, gate_weight_ND)
 
         rival_N = most_similar_expert(gate_weight_ND)
@@ -132,12 +133,13 @@ class GateProRouter(nn.Module):
             assert_same_on_all_ranks(rival_N, self.ep_group)
         delta_TN = gatepro_delta(logits_TN, rival_N, self.penalty)
         chosen = select_top_k(logits_TN + delta_TN, self.top_k, bias_N, self.normalize_topk)
+        plain_experts_TK = top_k_experts(logits_TN, self.top_k, bias_N)  # only for the statistic
         return Routing(
             logits_TN,
             chosen.experts_TK,
             chosen.weights_TK,
-            int((delta_TN != 0).sum()),
-            int(topk_set_changed(chosen.experts_TK, plain.experts_TK).sum()),
+            int(torch.count_nonzero(delta_TN)),
+            int(topk_set_changed(chosen.experts_TK, plain_experts_TK).sum()),
             gate_weight_ND,
         )
 

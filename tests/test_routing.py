@@ -169,3 +169,12 @@ def test_bad_input_raises_value_error_naming_the_parameter(call, match):
     with pytest.raises(ValueError, match=match) as info:
         call()
     assert "\n" not in str(info.value)
+
+
+def test_top_k_ties_go_to_the_lowest_index_like_a_stable_sort():
+    gen = torch.Generator().manual_seed(5)
+    scores = torch.randint(-3, 4, (200, 9), generator=gen).float()  # many exact ties
+    bias = torch.randint(-1, 2, (9,), generator=gen).float()
+    for k in (1, 2, 4, 9):
+        stable = (scores + bias).sort(dim=1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(select_top_k(scores, k, bias).experts_TK, stable)
