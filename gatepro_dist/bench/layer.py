@@ -54,9 +54,10 @@ class BenchConfig:
     repeats: int = 15
     warmup: int = 2
     malloc: str = "heap"
+    threads: int | None = None  # per rank; None: this machine's cores / ep
 
     def threads_per_rank(self, ep: int) -> int:
-        return max(1, len(os.sched_getaffinity(0)) // ep)
+        return self.threads or max(1, len(os.sched_getaffinity(0)) // ep)
 
     def gemm_flops(self) -> int:
         """Expert GEMM FLOPs of one rank's step: 3 (fwd, dgrad, wgrad) x 2 x rows x 3 matrices x d x ffn."""
@@ -279,17 +280,18 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--malloc", choices=("heap", "default"), default="heap",
                         help="heap: glibc keeps freed memory (no per-step page faults); default: glibc as is")
+    parser.add_argument("--threads", type=int, default=None, help="threads per rank (default: cores / ep)")
     parser.add_argument("--quick", action="store_true", help="a tiny run that finishes in seconds (for tests)")
     args = parser.parse_args(argv)
-    if args.quick:
+    if args.quick:  # one thread: tiny ops on two threads stall on any other load on the machine
         return BenchConfig(tokens=256, hidden=32, ffn=64, experts=(8, 16), top_k=args.top_k,
-                           eps=args.ep, repeats=3, warmup=1, malloc=args.malloc)
+                           eps=args.ep, repeats=3, warmup=1, malloc=args.malloc, threads=1)
     for n in args.experts:
         for ep in args.ep:
             if n % ep or (args.tokens * args.top_k * ep) % n:
                 parser.error(f"--experts {n} must divide evenly by ep={ep} and into tokens*top_k*ep rows")
     return BenchConfig(args.tokens, args.hidden, args.ffn, args.experts, args.top_k, args.ep,
-                       args.repeats, args.warmup, args.malloc)
+                       args.repeats, args.warmup, args.malloc, args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:
