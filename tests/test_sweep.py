@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 
 from gatepro_dist.config import ConfigError
 from gatepro_dist.sweep import load_sweep
-from gatepro_dist.sweep_report import BASE_COLUMNS, RESULT_COLUMNS
+from gatepro_dist.sweep_report import BASE_COLUMNS, RESULT_COLUMNS, SEED_STATS, aggregate, summarize_run
 from test_trainer import TINY
 
 
@@ -36,7 +37,11 @@ def test_sweep_runs_every_config_and_writes_one_csv_row_per_run(tmp_path):
     assert all(int(r["steps"]) == 3 and float(r["final_val_loss"]) > 0 for r in rows)
     swap = next(r for r in rows if r["run"] == "swap")
     assert int(swap["gatepro_on_steps"]) == 2
-    for png in ("zero_token_experts.png", "val_loss.png", "throughput.png"):
+    for r in rows:  # TINY: stats_every=2, so steps 2 and 3 carry similarity; λ=1e-2 penalises
+        assert -1 < float(r["final_mean_cos"]) < 1 and 0 < float(r["final_mean_angle_deg"]) < 180
+        assert (int(r["gatepro_penalised"]) > 0) == (r["run"] != "world=1_enabled=false" and r["run"] != "world=2_enabled=false")
+    assert not (tmp_path / "out" / "summary_over_seeds.csv").exists()  # no seed axis, no seed table
+    for png in ("zero_token_experts.png", "val_loss.png", "throughput.png", "similarity.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000
     again = subprocess.run([sys.executable, "-m", "gatepro_dist.cli.sweep", sweep], capture_output=True, text=True)
     assert again.stdout.count("already complete") == 5
@@ -56,3 +61,58 @@ def test_dry_run_prints_one_torchrun_command_per_multi_process_run(tmp_path):
                           capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and "torch.distributed.run" not in lines[0] and "--nproc-per-node=2" in lines[1]
+
+
+def fake_records(steps: int, zero_token: list[int], val_loss: float, mean_cos: float, changed: int) -> list[dict]:
+    """Metrics records of a 2-layer run: similarity on even steps, validation on the last."""
+    records = []
+    for step in range(1, steps + 1):
+        moe = [{"layer": i, "zero_token_experts": zero_token[step - 1], "gatepro_penalised": 2 * changed,
+                "gatepro_topk_changed": changed} for i in range(2)]
+        if step % 2 == 0:
+            for i, layer in enumerate(moe):
+                layer["similarity"] = {"mean_cos": mean_cos + 0.1 * i, "mean_angle_deg": 80.0, "spectral_entropy": 3.0}
+        records.append({"step": step, "loss": 3.0, "tokens_per_s": 1000.0, "gatepro": changed > 0, "moe": moe,
+                        **({"val_loss": val_loss} if step == steps else {})})
+    return records
+
+
+def test_summarize_run_counts_zero_token_experts_and_gatepro_changes_over_the_whole_run():
+    row = summarize_run(fake_records(4, [3, 0, 1, 0], 2.5, 0.2, changed=5))
+    assert row["mean_zero_token_experts"] == 1.0  # (3 + 0 + 1 + 0) / 4 per layer
+    assert row["all_experts_used_from_step"] == 4 and row["first_step_all_experts_used"] == 2
+    assert row["final_mean_cos"] == pytest.approx(0.25)  # layers 0.2 and 0.3
+    assert row["gatepro_topk_changed"] == 5 * 4 * 2 and row["gatepro_penalised"] == 10 * 4 * 2
+    assert summarize_run(fake_records(2, [0, 1], 2.5, 0.2, changed=0))["all_experts_used_from_step"] == ""
+
+
+def test_runs_that_differ_only_in_seed_are_summarised_as_mean_and_std(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(f"name: seeds\nout_dir: {tmp_path / 'out'}\nworld: 1\noverrides: [{', '.join(TINY)}, train.steps=4]\n"
+                    "grid:\n  router.gatepro.enabled: [true, false]\n  train.seed: [0, 1, 2]\n")
+    sweep = load_sweep(path)
+    assert [r.name for r in sweep.runs][:3] == ["enabled=true_seed=0", "enabled=true_seed=1", "enabled=true_seed=2"]
+    val_losses = {True: [2.0, 2.2, 2.4], False: [3.0, 3.0, 3.0]}
+    for run in sweep.runs:
+        on, seed = run.axes["router.gatepro.enabled"], run.axes["train.seed"]
+        records = fake_records(4, [seed, 0, 0, seed], val_losses[on][seed], 0.1 * seed, changed=int(on))
+        run.run_dir(sweep.out_dir).mkdir(parents=True)
+        (run.run_dir(sweep.out_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    aggregate(sweep)
+    with open(sweep.out_dir / "summary.csv") as f:
+        assert len(list(csv.DictReader(f))) == 6  # still one row per run
+    with open(sweep.out_dir / "summary_over_seeds.csv") as f:
+        groups = list(csv.DictReader(f))
+    assert list(groups[0])[:3] == ["group", "router.gatepro.enabled", "seeds"]
+    assert list(groups[0])[3:] == [f"{s}_{m}" for s in SEED_STATS for m in ("mean", "std")]
+    gatepro, baseline = groups
+    assert gatepro["seeds"] == "3" and gatepro["router.gatepro.enabled"] == "True"
+    assert float(gatepro["final_val_loss_mean"]) == pytest.approx(2.2)
+    assert float(gatepro["final_val_loss_std"]) == pytest.approx(0.2)  # sample std of 2.0, 2.2, 2.4
+    assert float(baseline["final_val_loss_std"]) == 0.0
+    assert float(gatepro["final_zero_token_experts_mean"]) == pytest.approx(2.0)  # seeds 0,1,2 on 2 layers
+    assert float(gatepro["final_mean_cos_mean"]) == pytest.approx(0.15)
+    assert float(baseline["gatepro_topk_changed_mean"]) == 0.0
+    assert "| enabled=True | 3 | 2.200 ± 0.200 |" in (sweep.out_dir / "summary_over_seeds.md").read_text()
+    for png in ("zero_token_experts.png", "val_loss.png", "similarity.png"):
+        assert (sweep.out_dir / png).stat().st_size > 1000
