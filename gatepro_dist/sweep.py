@@ -13,7 +13,9 @@ A sweep file is YAML:
     runs:                                # optional: extra runs listed one by one
       - {name: hot_swap, router.gatepro.schedule: [[0, true], [100, false]]}
 
-Axis keys are config keys, plus ``world`` (processes). Every run's config is validated before
+Axis keys are config keys, plus ``world`` (processes). ``train.seed: [0, 1, 2]`` as an axis
+repeats every other combination with several seeds (initialisation and data order); the report
+then summarises each combination as mean ± std over its seeds. Every run's config is validated before
 the first run starts. Each run writes to ``out_dir/<run name>``; a run whose metrics already
 reach its last step is not run again, so an interrupted sweep continues where it stopped.
 """

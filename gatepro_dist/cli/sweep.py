@@ -4,6 +4,9 @@
     gatepro-sweep configs/sweeps/gatepro_vs_baseline.yaml --dry-run    # print the commands only
     gatepro-sweep configs/sweeps/gatepro_vs_baseline.yaml --slurm      # submit a Slurm array job
     gatepro-sweep configs/sweeps/gatepro_vs_baseline.yaml --aggregate  # summary.csv + plots only
+
+A grid axis ``train.seed: [0, 1, 2]`` repeats every other combination with those seeds; the
+aggregate then adds summary_over_seeds.csv/.md (mean ± std over seeds per combination).
 """
 from __future__ import annotations
 
@@ -86,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
     path = aggregate(sweep)
     print(f"summary: {path}")
+    over_seeds = path.with_name("summary_over_seeds.md")
+    if over_seeds.is_file():
+        print(f"mean ± std over seeds: {over_seeds}")
     return 0
 
 
