@@ -7,7 +7,13 @@ global expert id (a DTensor sharded over the EP mesh dimension), so a run saved 
 Atomicity: DCP writes into ``step_XXXXXXXX.partial``; only after every rank finished does rank 0
 add the manifest, rename the directory, and then replace the ``latest`` pointer. A process killed
 mid-save leaves a ``.partial`` directory that is never read, and ``latest`` still names the
-previous complete checkpoint.
+previous complete checkpoint. A save that fails (e.g. a full disk) fails on every rank together,
+removes its ``.partial`` directory and raises `CheckpointSaveError`; the previous checkpoint stays.
+
+Integrity: the manifest lists every file of the checkpoint with its size and SHA-256 (hashed by
+all ranks, each a share of the files). Before loading, the files are checked the same way; a
+missing, truncated or altered file is named in a `CheckpointError`, and ``resume=auto`` falls back
+to the newest older checkpoint that is intact.
 
 A *weights-only* checkpoint (manifest ``kind: weights-only``, written by `save_weights_only`, e.g.
 by ``gatepro-convert hf-to-gp``) holds model tensors and nothing else: resuming from it loads the
@@ -15,6 +21,7 @@ weights, starts a fresh optimizer and begins at step 0 with the sampler at its s
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,8 +31,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 
+from . import faults
 from .config import Config
 from .parallel import ParallelGroups, single_process_groups
 from .router import is_expert_parallel
@@ -39,10 +48,15 @@ SHAPE_KEYS = ("model.", "moe.num_experts", "moe.expert_ffn_dim", "moe.num_shared
               "moe.shared_expert_ffn_dim", "moe.shared_expert_gate")
 MOMENTS = ("exp_avg", "exp_avg_sq")
 FULL, WEIGHTS_ONLY = "full", "weights-only"
+FORMAT = 2  # 2: the manifest lists every file with its size and SHA-256; 1: no checksums
 
 
 class CheckpointError(ValueError):
-    pass
+    """A checkpoint that cannot be used: incomplete, damaged, or of another model shape."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save failed on some rank; it was abandoned everywhere and the previous checkpoint stays."""
 
 
 def _barrier(groups: ParallelGroups) -> None:
@@ -86,7 +100,7 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer, groups: ParallelG
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer, groups: ParallelGroups,
                     trainer_state: dict, config: dict, config_hash: str) -> Path:
-    manifest = {"format": 1, "kind": FULL, "step": step, "world_size": groups.world_size, "ep": groups.ep,
+    manifest = {"format": FORMAT, "kind": FULL, "step": step, "world_size": groups.world_size, "ep": groups.ep,
                 "dp": groups.dp, "config_hash": config_hash, "config": config}
     return _save(run_dir, step, _state(model, optimizer, groups, materialize=False), groups, manifest,
                  trainer_state)
@@ -100,7 +114,7 @@ def save_weights_only(run_dir: str | Path, model_state: dict[str, torch.Tensor],
     experts), i.e. what an ep=1 model holds; it loads at any ep and world size. ``source`` (e.g.
     where the weights came from) is kept in the manifest.
     """
-    manifest = {"format": 1, "kind": WEIGHTS_ONLY, "step": 0, "world_size": 1, "ep": 1, "dp": 1,
+    manifest = {"format": FORMAT, "kind": WEIGHTS_ONLY, "step": 0, "world_size": 1, "ep": 1, "dp": 1,
                 "config_hash": config_hash, "config": config, "source": source or {}}
     state = {f"model.{name}": tensor for name, tensor in model_state.items()}
     return _save(run_dir, 0, state, single_process_groups(), manifest, None)
@@ -111,25 +125,204 @@ def _save(run_dir: str | Path, step: int, state: dict, groups: ParallelGroups, m
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step_{step:08d}"
     partial = root / f"step_{step:08d}.partial"
+    previous = latest_checkpoint(run_dir)
+    error = None
     if groups.is_main:
         shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    _barrier(groups)
-    with warnings.catch_warnings():  # DCP warns that one process without a process group is fine
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.save(state, checkpoint_id=str(partial), no_dist=groups.world_size == 1)
-    _barrier(groups)
-    if groups.is_main:
-        if trainer_state is not None:
-            _write_json(partial / TRAINER_STATE, trainer_state)
-        _write_json(partial / MANIFEST, manifest)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        _fsync_dir(root)
-        _write_text_atomic(root / LATEST, final.name)
-    _barrier(groups)
+        error = _attempt(lambda: partial.mkdir(parents=True))
+    error = agree_on_error(error, groups)
+    if error is None:
+        try:
+            with warnings.catch_warnings():  # DCP warns that one process without a group is fine
+                warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+                dcp.save(state, checkpoint_id=str(partial), no_dist=groups.world_size == 1)
+        except (Exception, CheckpointException) as err:  # DCP raises the same failure on every rank
+            error = _reason(err, root, _nbytes(state))
+        faults.point("checkpoint")
+        if error is None and groups.is_main and trainer_state is not None:
+            error = _attempt(lambda: _write_json(partial / TRAINER_STATE, trainer_state))
+        error = agree_on_error(error, groups)
+    if error is None:
+        manifest = {**manifest, "files": file_checksums(partial, groups)}
+        if groups.is_main:
+            error = _attempt(lambda: _publish(partial, final, manifest))
+        error = agree_on_error(error, groups)
+    if error is not None:
+        if groups.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+        _barrier(groups)
+        raise CheckpointSaveError(
+            f"saving checkpoint {final} failed: {error}; the previous checkpoint "
+            f"{previous or '(none)'} is intact; free space or fix {root}, then rerun with train.resume=auto")
     return final
+
+
+def _publish(partial: Path, final: Path, manifest: dict) -> None:
+    """Rank 0, after every file is written: manifest, rename, then move the `latest` pointer."""
+    _write_json(partial / MANIFEST, manifest)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    _fsync_dir(final.parent)
+    _write_text_atomic(final.parent / LATEST, final.name)
+
+
+def _attempt(action) -> str | None:
+    try:
+        action()
+    except OSError as err:
+        return _reason(err)
+    return None
+
+
+def _nbytes(state: dict) -> int:
+    local = (v.to_local() if hasattr(v, "to_local") else v for v in state.values())
+    return sum(t.numel() * t.element_size() for t in local if isinstance(t, torch.Tensor))
+
+
+def _reason(err: BaseException, root: Path | None = None, needed: int = 0) -> str:
+    """One line for a failed save: the first OS error inside, else a full disk if the filesystem
+    has less room than this rank's share (DCP passes other ranks' errors pickled, which drops
+    the OS error they wrap), else the first failure's message."""
+    seen, stack = set(), [err]
+    while stack:
+        e = stack.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return f"{e.strerror or e} ({e.filename})" if e.filename else str(e.strerror or e)
+        if isinstance(e, CheckpointException):  # rank -> (exception, traceback)
+            stack += [failure[0] for failure in e.failures.values()]
+        stack += [e.__cause__, e.__context__]
+    if root is not None and shutil.disk_usage(root).free < needed:
+        return (f"No space left on device ({shutil.disk_usage(root).free} bytes free on the filesystem of "
+                f"{root}, this rank's share of the checkpoint is {needed} bytes)")
+    first = next(iter(err.failures.values()))[0] if isinstance(err, CheckpointException) else err
+    return f"{type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''}"
+
+
+def agree_on_error(error: str | None, groups: ParallelGroups) -> str | None:
+    """Every rank's view of a step that may fail on some ranks only: the first error, or None."""
+    if groups.world_size == 1:
+        return error
+    errors: list = [None] * groups.world_size
+    dist.all_gather_object(errors, error)
+    return next((e if r == groups.rank else f"{e} (on rank {r})" for r, e in enumerate(errors) if e), None)
+
+
+# ---- integrity ------------------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _gather_dicts(mine: dict, groups: ParallelGroups) -> dict:
+    if groups.world_size == 1:
+        return mine
+    parts: list = [None] * groups.world_size
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def file_checksums(directory: Path, groups: ParallelGroups) -> dict[str, dict]:
+    """{relative path: {"bytes", "sha256"}} of every file under `directory` except the manifest;
+    each rank hashes a share of the files (collective)."""
+    names = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                   if p.is_file() and p.name != MANIFEST)
+    mine = {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+            for name in names[groups.rank::groups.world_size]}
+    return _gather_dicts(mine, groups)
+
+
+def find_damage(path: str | Path, groups: ParallelGroups) -> str | None:
+    """What is wrong with a complete checkpoint's files (first problem, named), or None if every
+    file matches the manifest. Format-1 checkpoints have no checksums and pass. Collective."""
+    path = Path(path)
+    try:
+        files = json.loads((path / MANIFEST).read_text()).get("files")
+    except (ValueError, OSError, AttributeError) as err:
+        return f"{path / MANIFEST} cannot be read ({type(err).__name__})"
+    if files is None:
+        return None
+    names = sorted(files)
+    mine = {}
+    for name in names[groups.rank::groups.world_size]:
+        expected, file = files[name], path / name
+        if not file.is_file():
+            mine[name] = "is missing"
+        elif file.stat().st_size != expected["bytes"]:
+            mine[name] = f"has {file.stat().st_size} bytes, the manifest says {expected['bytes']} (truncated?)"
+        elif _sha256(file) != expected["sha256"]:
+            mine[name] = "does not match its SHA-256 in the manifest (corrupted)"
+    problems = _gather_dicts(mine, groups)
+    first = min(problems, default=None)
+    return None if first is None else f"{path / first} {problems[first]}"
+
+
+def resolve_resume(run_dir: str | Path, resume: str, groups: ParallelGroups, log=print) -> Path | None:
+    """The checkpoint to start from: None for ``resume=none`` or an empty run_dir.
+
+    ``auto``: the `latest` checkpoint, or if its files are damaged the newest older one that is
+    intact (each skipped one is logged). An explicit path must be intact. Collective.
+    """
+    if resume == "none":
+        return None
+    if resume != "auto":
+        damage = find_damage(resume, groups)
+        if damage:
+            raise CheckpointError(f"{damage}; resume from another checkpoint "
+                                  "(train.resume=auto falls back to the newest intact one)")
+        return Path(resume)
+    skipped = []
+    for candidate in _newest_first(run_dir):
+        damage = find_damage(candidate, groups)
+        if damage is None:
+            return candidate
+        if groups.is_main:
+            log(f"checkpoint damaged: {damage}; falling back to the previous complete checkpoint")
+        skipped.append(candidate.name)
+    if skipped:
+        raise CheckpointError(f"every checkpoint in {Path(run_dir) / CHECKPOINTS} is damaged "
+                              f"({', '.join(skipped)}); restore one, or start over in a new train.run_dir")
+    return None
+
+
+def _newest_first(run_dir: str | Path) -> list[Path]:
+    """`latest`, then the complete checkpoints older than it, newest first."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return []
+    older = [p for p in latest.parent.glob("step_*") if p.suffix != ".partial" and (p / MANIFEST).is_file()
+             and p.name < latest.name]
+    return [latest, *sorted(older, reverse=True)]
+
+
+def preflight_resume(run_dir: str | Path, resume: str, config: dict) -> None:
+    """Checks one process can make before any process group exists (raises CheckpointError):
+    the checkpoint to resume is complete and has the configured model shape, and a new run
+    (``resume=none``) would not overwrite an existing one."""
+    run_dir = Path(run_dir)
+    if resume == "none":
+        if latest_checkpoint(run_dir) is not None or (run_dir / "metrics.jsonl").exists():
+            raise CheckpointError(
+                f"train.run_dir={run_dir} already holds a run; continue it with train.resume=auto, "
+                "or choose a new train.run_dir (nothing was changed)")
+        return
+    if resume != "auto":
+        check_compatible(read_manifest(resume), config, Path(resume))
+        return
+    latest = latest_checkpoint(run_dir)
+    try:
+        manifest = read_manifest(latest) if latest is not None else None
+    except CheckpointError:  # damaged: the trainer falls back to an older checkpoint
+        return
+    if manifest is not None:
+        check_compatible(manifest, config, latest)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -147,7 +340,11 @@ def read_manifest(path: str | Path) -> dict:
             f"{path} is not a complete checkpoint (no {MANIFEST}); point train.resume at a "
             f"directory under {CHECKPOINTS}/ or use train.resume=auto"
         )
-    return json.loads(manifest.read_text())
+    try:
+        return json.loads(manifest.read_text())
+    except (ValueError, OSError) as err:
+        raise CheckpointError(f"{manifest} cannot be read ({err}); the checkpoint is damaged: resume from "
+                              "another one (train.resume=auto falls back to the newest intact one)") from None
 
 
 def is_weights_only(manifest: dict) -> bool:

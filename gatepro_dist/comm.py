@@ -11,6 +11,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from . import faults
+
 # torch renamed all_gather_into_tensor; use whichever this version has without a warning.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -93,6 +95,7 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, output_splits: list[int], input_splits: list[int], group):
         ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
+        faults.point("all_to_all")
         out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
         _count_rows_to_others(x, input_splits, group)
         dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
@@ -100,6 +103,7 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        faults.point("all_to_all")
         grad_in = grad_out.new_empty((sum(ctx.input_splits),) + tuple(grad_out.shape[1:]))
         _count_rows_to_others(grad_out, ctx.output_splits, ctx.group)
         dist.all_to_all_single(

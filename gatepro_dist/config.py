@@ -452,7 +452,8 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must contain a mapping of sections "
-                              f"(model, moe, router, parallel, data, train), got {type(data).__name__}")
+                              f"(model, moe, router, parallel, data, train), got {type(data).__name__}; "
+                              "write them as top-level keys, as in configs/quickstart.yaml")
         cfg = config_from_dict(data, origin=f"in {path}")
     return apply_overrides(cfg, list(overrides))
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import faults
 from .config import Config
 from .experts import SwiGLU
 from .moe import MoELayer, MoESpec, MoEStats
@@ -162,11 +163,15 @@ class Transformer(nn.Module):
             )
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         x = self.embed(tokens_BS)
-        all_stats = []
-        for block in self.layers:
+        all_stats, finite = [], []
+        for index, block in enumerate(self.layers):
+            faults.point("forward")
             x, stats = block(x, cos, sin)
+            x = faults.corrupt_activation(x, index)
+            finite.append(torch.isfinite(x.detach()).all())  # no sync: read only after a bad step
             if stats is not None:
                 all_stats.append(stats)
+        self.finite_outputs_L = torch.stack(finite)
         x = self.norm(x)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, weight), all_stats

@@ -24,11 +24,16 @@ import torch
 import torch.distributed as dist
 
 # Exit codes of gatepro-train (documented in docs/launch.md).
+EXIT_FAILED = 1  # a save failed, or train.nan_policy=stop met a non-finite step (one-line message)
 EXIT_BAD_INPUT = 2
 EXIT_LOST_RANK = 3
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL from sysexits.h: "try again later" -- the batch script requeues
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class NonFiniteStop(FloatingPointError):
+    """train.nan_policy=stop met a non-finite loss or gradient (a checkpoint was saved first)."""
 
 
 class Preempted(Exception):

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import comm
+from . import comm, faults
 from .routing import (
     check_penalty,
     check_top_k,
@@ -121,7 +121,7 @@ class GateProRouter(nn.Module):
         gate_weight_ND = self.gathered_weight()
         # fp32 on purpose: in bf16, l - 1e-4 == l for |l| > ~0.05 and GatePro would vanish.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TN = x_TD.float() @ gate_weight_ND.float().t()
+            logits_TN = faults.skew_logits(x_TD.float() @ gate_weight_ND.float().t())
         bias_N = self.expert_bias if self.bias_enabled else None
 
         if not (self.gatepro_enabled and self.penalty > 0):

@@ -15,16 +15,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import comm
-from .checkpoint import check_compatible, latest_checkpoint, load_checkpoint, read_manifest, save_checkpoint
+from . import comm, faults
+from .checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, read_manifest, resolve_resume,
+                         save_checkpoint)
 from .config import Config, config_hash
 from .data import GlobalBatchSampler, build_data
 from .metrics import MetricsWriter, ProgressBar
 from .model import Transformer
-from .moe import MoEStats
+from .moe import MoELayer, MoEStats
 from .optim import clip_gradients, global_grad_norm, lr_at, param_groups, reduce_gradients
 from .parallel import ParallelGroups
-from .preemption import Preempted, PreemptionWatch
+from .preemption import NonFiniteStop, Preempted, PreemptionWatch
 from .routing import gate_similarity_stats
 
 
@@ -89,6 +90,27 @@ class _StepStats:
         return out
 
 
+def locate_non_finite(model: Transformer, finite_L: torch.Tensor, groups: ParallelGroups) -> dict:
+    """Where a non-finite step went wrong, the same answer on every rank: the first block whose
+    output was non-finite on any rank (forward), else the first parameter with a non-finite
+    gradient (backward), else the loss itself."""
+    bad_L = (~finite_L).to(torch.float64)
+    comm.all_reduce_sum(bad_L, groups.world_group)
+    if bool(bad_L.any()):
+        layer = int(bad_L.nonzero()[0])
+        kind = "MoE" if isinstance(model.layers[layer].ffn, MoELayer) else "dense"
+        return {"what": "activation", "layer": layer, "where": f"the output of layer {layer} ({kind})"}
+    names = [name for name, p in model.named_parameters()]
+    bad_P = torch.tensor([float(p.grad is not None and not bool(torch.isfinite(p.grad).all()))
+                          for p in model.parameters()], dtype=torch.float64)
+    comm.all_reduce_sum(bad_P, groups.world_group)
+    if bool(bad_P.any()):
+        name = names[int(bad_P.nonzero()[0])]
+        layer = int(name.split(".")[1]) if name.startswith("layers.") else None
+        return {"what": "gradient", "layer": layer, "where": f"the gradient of {name}"}
+    return {"what": "loss", "layer": None, "where": "the loss (activations and gradients were finite)"}
+
+
 def evaluate(model, val, cfg: Config, groups: ParallelGroups, device) -> float:
     """Mean next-token loss over the first ``eval_batches`` global batches of the validation set."""
     per_rank = max(1, cfg.train.global_batch_size // groups.world_size)
@@ -120,9 +142,6 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
         return train_on_deepspeed(cfg, groups, device, data, log, preemption)
     t = cfg.train
     run_dir = Path(t.run_dir)
-    if groups.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(t.seed)
@@ -135,7 +154,7 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
     cfg_dict, cfg_hash = cfg.to_dict(), config_hash(cfg)
 
     start = 0
-    resume_from = latest_checkpoint(run_dir) if t.resume == "auto" else (None if t.resume == "none" else Path(t.resume))
+    resume_from = resolve_resume(run_dir, t.resume, groups, log)  # damaged checkpoints are skipped
     if resume_from is not None:
         changed = check_compatible(read_manifest(resume_from), cfg_dict, resume_from)
         state = load_checkpoint(resume_from, model, optimizer, groups)
@@ -147,6 +166,9 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
             what = f"resumed from {resume_from} at step {start}"
         if groups.is_main:
             log(what + (f" (changed: {', '.join(changed)})" if changed else ""))
+    if groups.is_main:  # only now: a refused checkpoint leaves the run directory as it was
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     metrics = MetricsWriter(run_dir, enabled=groups.is_main)
     if groups.is_main:
@@ -161,13 +183,14 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
 
     for step in range(start, t.steps):
         began = time.perf_counter()
+        faults.set_step(step + 1)
         gatepro_on = cfg.router.gatepro.enabled_at(step)
         model.set_gatepro(gatepro_on)
         lr = lr_at(step, peak=t.lr, warmup=t.warmup_steps, total=t.steps, min_ratio=t.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        step_stats, ce_sum = _StepStats(), 0.0
+        step_stats, ce_sum, finite_L = _StepStats(), 0.0, True
         for part in my_part(sampler.global_batch(step), t.grad_accum, groups):
             inputs, targets = data.train.batch(part)
             with _autocast(cfg, device):
@@ -177,14 +200,18 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
             (loss / t.grad_accum).backward()
             step_stats.add(stats)
             ce_sum += float(ce.detach())
+            finite_L = model.finite_outputs_L & finite_L
         sampler.step = step + 1
+        faults.corrupt_gradients(model)
 
         reduce_gradients(model, groups)
         grad_norm = global_grad_norm(model, groups)
         step_loss = _mean_over_world([ce_sum / t.grad_accum], groups)[0]
         finite = math.isfinite(step_loss) and bool(torch.isfinite(grad_norm))
+        where = None if finite else locate_non_finite(model, finite_L, groups)
         if finite:
             clip_gradients(model, grad_norm, t.grad_clip)
+            faults.point("optimizer")
             optimizer.step()
             for layer, acc in zip(model.moe_layers, step_stats.layers or []):
                 layer.router.update_bias(acc["counts"])
@@ -197,11 +224,18 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
                   "tokens_per_s": tokens_per_step / elapsed, "gatepro": gatepro_on,
                   "moe": step_stats.records(groups)}
         if not finite:
-            record["skipped"] = True
+            record.update(skipped=True, non_finite=where)
+            if groups.is_main:
+                log(f"non-finite {where['what']} at step {done}, first in {where['where']}: "
+                    + ("step skipped (train.nan_policy=skip)" if t.nan_policy == "skip"
+                       else "saving a checkpoint and stopping (train.nan_policy=stop)"))
             if t.nan_policy == "stop":
                 metrics.write(record)
                 save(done)
-                raise FloatingPointError(f"non-finite loss or gradient at step {done}; checkpoint saved, stopping")
+                metrics.close()
+                raise NonFiniteStop(f"non-finite {where['what']} at step {done}, first in {where['where']}; "
+                                    f"checkpoint {latest_checkpoint(run_dir)} saved (without this step's update); "
+                                    "lower train.lr or raise train.grad_clip/warmup, then resume with train.resume=auto")
         if done % t.stats_every == 0 or done == t.steps:
             with torch.no_grad():
                 for entry, layer in zip(record["moe"], model.moe_layers):

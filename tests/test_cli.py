@@ -26,18 +26,12 @@ def test_help_lists_the_public_keys(tmp_path):
         assert key in proc.stdout
 
 
+# A few rows of tests/test_bad_inputs.py's table as separate processes: the console script's
+# real exit code, and nothing created in its working directory.
 BAD_INPUTS = [
     (["moe.topk=3"], None, "did you mean 'moe.top_k'"),
-    (["moe.top_k=abc"], None, "moe.top_k"),
-    (["train.steps=1.5"], None, "train.steps"),
-    (["parallel.ep=2"], 3, "parallel.ep"),
     (["parallel.ep=3"], 3, "moe.num_experts"),
-    (["data.source=/nonexistent/corpus"], None, "/nonexistent/corpus"),
-    (["train.run_dir=/proc/forbidden/run"], None, "train.run_dir"),
-    (["moe.top_k=9"], None, "moe.top_k"),
-    (["router.gatepro.penalty=-1e-4"], None, "router.gatepro.penalty"),
     (["router.gatepro.penalty=.nan"], None, "router.gatepro.penalty"),
-    (["no_equals_sign"], None, "no_equals_sign"),
 ]
 
 
@@ -54,11 +48,3 @@ def test_bad_input_exits_2_with_one_line_before_anything_is_created(tmp_path, ov
 def test_missing_config_file_is_named(tmp_path):
     proc = run_cli(["missing.yaml"], tmp_path)
     assert proc.returncode == 2 and "missing.yaml" in proc.stderr
-
-
-def test_binary_garbage_corpus_is_refused(tmp_path):
-    garbage = tmp_path / "garbage.txt"
-    garbage.write_bytes(bytes(range(32)) * 4000)
-    proc = run_cli([*TINY, "train.run_dir=run", f"data.source={garbage}"], tmp_path)
-    assert proc.returncode == 2 and str(garbage) in proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.txt"]

@@ -36,8 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..checkpoint import (CHECKPOINTS, LATEST, MANIFEST, TRAINER_STATE, CheckpointError, _write_json,
-                          _write_text_atomic, read_manifest)
+from ..checkpoint import (CHECKPOINTS, FORMAT, LATEST, MANIFEST, TRAINER_STATE, CheckpointError, _write_json,
+                          _write_text_atomic, file_checksums, read_manifest)
 from ..config import Config
 from ..optim import param_groups
 from ..parallel import ParallelGroups, build_parallel_groups
@@ -189,11 +189,14 @@ def save_deepspeed_checkpoint(engine, model: nn.Module, run_dir: Path, step: int
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     if groups.dp_rank == 0:  # one writer per EP rank: EDP replicas hold identical experts
         torch.save(expert_parallel_state(model), root / tag / EXPERT_FILE.format(ep_rank=groups.ep_rank))
-    dist.barrier()
     if groups.is_main:
-        manifest = {"format": 1, "backend": "deepspeed", "step": step, "world_size": groups.world_size,
-                    "ep": groups.ep, "dp": groups.dp, "config_hash": config_hash, "config": config}
         _write_json(root / tag / TRAINER_STATE, trainer_state)
+    dist.barrier()
+    files = file_checksums(root / tag, groups)  # every rank hashes a share
+    if groups.is_main:
+        manifest = {"format": FORMAT, "backend": "deepspeed", "step": step, "world_size": groups.world_size,
+                    "ep": groups.ep, "dp": groups.dp, "config_hash": config_hash, "config": config,
+                    "files": files}
         _write_json(root / tag / MANIFEST, manifest)
         _write_text_atomic(root / LATEST, tag)
     dist.barrier()

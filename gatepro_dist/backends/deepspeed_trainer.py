@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from .. import comm
-from ..checkpoint import check_compatible, latest_checkpoint, read_manifest
+from ..checkpoint import check_compatible, latest_checkpoint, read_manifest, resolve_resume
 from ..config import Config, config_hash
 from ..data import GlobalBatchSampler
 from ..metrics import MetricsWriter, ProgressBar
 from ..model import Transformer
 from ..optim import clip_gradients, global_grad_norm, lr_at
 from ..parallel import ParallelGroups
-from ..preemption import Preempted, PreemptionWatch
+from ..preemption import NonFiniteStop, Preempted, PreemptionWatch
 from ..routing import gate_similarity_stats
 from ..trainer import TrainResult, _mean_over_world, _StepStats, evaluate, load_data, my_part
 from .deepspeed_config import trainer_clips
@@ -57,7 +57,7 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
     we_clip = trainer_clips(cfg)
 
     start = 0
-    resume_from = latest_checkpoint(run_dir) if t.resume == "auto" else (None if t.resume == "none" else Path(t.resume))
+    resume_from = resolve_resume(run_dir, t.resume, groups, log)  # damaged checkpoints are skipped
     if resume_from is not None:
         changed = check_compatible(read_manifest(resume_from), cfg_dict, resume_from)
         state = load_deepspeed_checkpoint(engine, model, resume_from, groups, cfg_dict)
@@ -95,7 +95,7 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
             if not _all_finite(float(loss.detach()), groups):
                 # The engine has already taken earlier micro-batches' gradients (ZeRO-2 reduces
                 # them as they arrive), so unlike the native trainer it cannot drop this step.
-                raise FloatingPointError(
+                raise NonFiniteStop(
                     f"non-finite loss at step {step + 1}; the deepspeed backend stops on it (its engine "
                     "cannot skip a step); resume from the last checkpoint with a lower train.lr")
             engine.backward(loss)  # scales by 1/grad_accum; reduces gradients on the last micro-batch

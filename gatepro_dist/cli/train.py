@@ -3,8 +3,10 @@
 Works standalone (one process) and under torchrun, srun or mpirun with any number of processes
 (see docs/launch.md). Every check on the configuration, the data and the launcher's environment
 runs before a process group or any file is created; a bad input exits with code 2 and one line
-naming the problem and the fix. Exit codes: 0 done, 2 bad input, 3 lost contact with another rank,
-75 preempted (checkpoint written; requeue and resume with train.resume=auto).
+naming the problem and the fix. Exit codes: 0 done, 1 the run failed (a checkpoint could not be
+saved, or train.nan_policy=stop met a non-finite step), 2 bad input (configuration, data, launch
+environment or checkpoint), 3 lost contact with another rank, 75 preempted (checkpoint written;
+requeue and resume with train.resume=auto).
 """
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ import sys
 
 import torch.distributed as dist
 
+from .. import faults
+from ..checkpoint import CheckpointError, CheckpointSaveError
 from ..config import ConfigError, help_text, load_config, validate
 from ..data import DataError
-from ..preemption import (EXIT_BAD_INPUT, EXIT_LOST_RANK, EXIT_PREEMPTED, Preempted, PreemptionWatch,
-                          is_lost_contact, lost_contact_message)
+from ..preemption import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_LOST_RANK, EXIT_PREEMPTED, NonFiniteStop,
+                          Preempted, PreemptionWatch, is_lost_contact, lost_contact_message)
 from ..topology import (TopologyError, complete_world, detect_topology, find_rendezvous, init_distributed,
                         rank_map)
 
@@ -41,13 +45,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     config_path = args.pop(0) if args and "=" not in args[0] else None
     try:
+        faults.check()  # a malformed GATEPRO_FAULT (reliability testing) is bad input too
         topology = complete_world(detect_topology())  # ranks from torchrun, Slurm, MPI or PMIx
         cfg = validate(load_config(config_path, args), topology.world_size)
+        from ..checkpoint import preflight_resume
         from ..trainer import load_data, train  # torch-heavy imports after the cheap checks
 
+        preflight_resume(cfg.train.run_dir, cfg.train.resume, cfg.to_dict())
         data = load_data(cfg)
         topology = find_rendezvous(topology)  # may ask scontrol or MPI; checks MASTER_ADDR resolves
-    except (ConfigError, DataError, TopologyError) as err:
+    except (ConfigError, DataError, TopologyError, CheckpointError) as err:
         return fail(str(err))
 
     preemption = PreemptionWatch().install()  # SIGTERM/SIGUSR1 now mean: checkpoint, then exit 75
@@ -56,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(cfg, topology, device, data, train, preemption)
     except Preempted as stop:
         return _preempted(stop, topology)
+    except CheckpointError as err:  # e.g. every checkpoint damaged: found by all ranks together
+        return _stop(str(err), EXIT_BAD_INPUT, topology)
+    except (CheckpointSaveError, NonFiniteStop) as err:
+        return _stop(str(err), EXIT_FAILED, topology)
     except Exception as err:
         if not is_lost_contact(err):
             raise
@@ -92,6 +103,15 @@ def _run(cfg, topology, device, data, train, preemption) -> int:
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
+
+
+def _stop(message: str, code: int, topology) -> int:
+    """Every rank met the same failure; rank 0 says it once."""
+    if topology.rank == 0:
+        fail(message, code)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return code
 
 
 def _preempted(stop: Preempted, topology) -> int:
