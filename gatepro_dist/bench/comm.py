@@ -39,8 +39,8 @@ def measure(ep: int, experts: int, hidden: int, top_k: int, tokens: int, ffn: in
     return run_on_ranks(ep, _measure, args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--ep", type=int, default=2)
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--hidden", type=int, default=512)
