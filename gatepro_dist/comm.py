@@ -146,6 +146,14 @@ def all_to_all_counts(send_RE: torch.Tensor, group) -> torch.Tensor:
     return recv
 
 
+def all_reduce_max(t: torch.Tensor, group) -> torch.Tensor:
+    """In-place maximum over ``group`` (no autograd); a no-op for a single rank."""
+    if group_size(group) > 1:
+        _count("reduce", 2 * _nbytes(t) * (group_size(group) - 1) / group_size(group))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t
+
+
 def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
     """In-place sum over ``group`` (no autograd); a no-op for a single rank."""
     if group_size(group) > 1:

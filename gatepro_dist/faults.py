@@ -123,7 +123,7 @@ def corrupt_activation(x: torch.Tensor, layer: int) -> torch.Tensor:
 
 def corrupt_gradients(model: torch.nn.Module) -> None:
     """Make every gradient of block ``layer`` Inf (the ``inf_grad`` fault)."""
-    if not _targets("inf_grad"):
+    if _fault is None or not _targets("inf_grad", _fault.layer):
         return
     for p in model.layers[_fault.layer].parameters():
         if p.grad is not None:

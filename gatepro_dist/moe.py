@@ -72,6 +72,7 @@ class MoEStats:
     gatepro_topk_changed: int  # tokens whose expert set the penalty changed
     rows_sent: int = 0  # this rank's token rows dispatched to experts on other ranks
     rows_received: int = 0  # rows this rank's experts received from other ranks
+    expert_rows_max: int = 0  # most rows one of this rank's experts computed (<= capacity when set)
 
     @property
     def zero_token_experts(self) -> int:
@@ -155,6 +156,7 @@ class MoELayer(nn.Module):
             gatepro_topk_changed=counts.gatepro_topk_changed,
             rows_sent=sum(plan.input_splits) - plan.input_splits[comm.group_rank(self.ep_group)],
             rows_received=sum(plan.output_splits) - plan.output_splits[comm.group_rank(self.ep_group)],
+            expert_rows_max=int(plan.tokens_per_local_expert.max()) if plan.tokens_per_local_expert.numel() else 0,
         )
         return out_TD.view_as(x).to(x.dtype), stats
 

@@ -64,7 +64,7 @@ class _StepStats:
     def add(self, stats: list[MoEStats]) -> None:
         if self.layers is None:
             self.layers = [dict(counts=torch.zeros_like(s.tokens_per_expert), aux=0.0, z=0.0, dropped=0,
-                                penalised=0, changed=0, n=0) for s in stats]
+                                penalised=0, changed=0, n=0, assignments=0, rows_max=0) for s in stats]
         for acc, s in zip(self.layers, stats):
             acc["counts"] += s.tokens_per_expert
             acc["aux"] += float(s.aux_loss.detach())
@@ -72,11 +72,15 @@ class _StepStats:
             acc["dropped"] += s.dropped_tokens
             acc["penalised"] += s.gatepro_penalised
             acc["changed"] += s.gatepro_topk_changed
+            acc["assignments"] += int(s.tokens_per_expert.sum())
+            acc["rows_max"] = max(acc["rows_max"], s.expert_rows_max)
             acc["n"] += 1
 
     def records(self, groups: ParallelGroups) -> list[dict]:
         layers = self.layers or []
         losses = _mean_over_world([v for acc in layers for v in (acc["aux"] / acc["n"], acc["z"] / acc["n"])], groups)
+        rows_max = comm.all_reduce_max(torch.tensor([acc["rows_max"] for acc in layers], dtype=torch.long),
+                                       groups.world_group).tolist()
         out = []
         for i, acc in enumerate(layers):
             counts = acc["counts"].cpu()
@@ -84,7 +88,8 @@ class _StepStats:
                 "layer": i, "zero_token_experts": int((counts == 0).sum()),
                 "max_load": int(counts.max()), "mean_load": float(counts.float().mean()),
                 "aux_loss": losses[2 * i], "z_loss": losses[2 * i + 1],
-                "dropped_tokens": acc["dropped"], "gatepro_penalised": acc["penalised"],
+                "dropped_tokens": acc["dropped"], "drop_rate": acc["dropped"] / max(acc["assignments"], 1),
+                "expert_rows_max": rows_max[i], "gatepro_penalised": acc["penalised"],
                 "gatepro_topk_changed": acc["changed"], "tokens_per_expert": counts.tolist(),
             })
         return out
