@@ -13,7 +13,8 @@ CSV columns (``summary.csv`` in the sweep's out_dir, one row per finished run):
   had no zero-token expert in any layer, i.e. the step at which the run's expert usage became
   complete for good; empty if the last step still had one), mean_zero_token_experts (per layer,
   averaged over every logged step: the area under the zero-token curve, so lower means experts
-  came into use sooner).
+  came into use sooner), mean_loss_last10pct (training loss averaged over the last 10% of logged
+  steps: many more tokens than one evaluation, so less noisy than final_loss).
 
 When ``train.seed`` is an axis, runs that differ only in their seed form a group, and
 ``summary_over_seeds.csv`` holds one row per group: group, <the other axis keys>, seeds (runs in
@@ -44,8 +45,8 @@ RESULT_COLUMNS = ["steps", "final_loss", "final_val_loss", "best_val_loss", "mea
                   "final_zero_token_experts", "mean_zero_token_experts_last10pct",
                   "first_step_all_experts_used", "final_mean_cos", "gatepro_on_steps",
                   "final_mean_angle_deg", "final_spectral_entropy", "gatepro_penalised",
-                  "gatepro_topk_changed", "all_experts_used_from_step", "mean_zero_token_experts"]
-SEED_STATS = ["final_val_loss", "best_val_loss", "final_zero_token_experts",
+                  "gatepro_topk_changed", "all_experts_used_from_step", "mean_zero_token_experts", "mean_loss_last10pct"]
+SEED_STATS = ["final_val_loss", "mean_loss_last10pct", "final_zero_token_experts",
               "mean_zero_token_experts", "mean_zero_token_experts_last10pct", "final_mean_cos",
               "final_spectral_entropy", "gatepro_topk_changed"]
 SIMILARITY_STATS = {"mean_cos": "mean cosine similarity", "spectral_entropy": "spectral entropy of S"}
@@ -97,6 +98,7 @@ def summarize_run(records: list[dict]) -> dict:
         "gatepro_topk_changed": summed("gatepro_topk_changed"),
         "all_experts_used_from_step": used_from,
         "mean_zero_token_experts": sum(zero_per_layer.values()) / len(zero_per_layer) if zero_per_layer else "",
+        "mean_loss_last10pct": statistics.fmean(r["loss"] for r in tail) if all("loss" in r for r in tail) else "",
     }
 
 

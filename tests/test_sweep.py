@@ -72,7 +72,7 @@ def fake_records(steps: int, zero_token: list[int], val_loss: float, mean_cos: f
         if step % 2 == 0:
             for i, layer in enumerate(moe):
                 layer["similarity"] = {"mean_cos": mean_cos + 0.1 * i, "mean_angle_deg": 80.0, "spectral_entropy": 3.0}
-        records.append({"step": step, "loss": 3.0, "tokens_per_s": 1000.0, "gatepro": changed > 0, "moe": moe,
+        records.append({"step": step, "loss": 3.0 + step, "tokens_per_s": 1000.0, "gatepro": changed > 0, "moe": moe,
                         **({"val_loss": val_loss} if step == steps else {})})
     return records
 
@@ -80,6 +80,7 @@ def fake_records(steps: int, zero_token: list[int], val_loss: float, mean_cos: f
 def test_summarize_run_counts_zero_token_experts_and_gatepro_changes_over_the_whole_run():
     row = summarize_run(fake_records(4, [3, 0, 1, 0], 2.5, 0.2, changed=5))
     assert row["mean_zero_token_experts"] == 1.0  # (3 + 0 + 1 + 0) / 4 per layer
+    assert row["mean_loss_last10pct"] == 7.0  # the last 10% of 4 records is the last one
     assert row["all_experts_used_from_step"] == 4 and row["first_step_all_experts_used"] == 2
     assert row["final_mean_cos"] == pytest.approx(0.25)  # layers 0.2 and 0.3
     assert row["gatepro_topk_changed"] == 5 * 4 * 2 and row["gatepro_penalised"] == 10 * 4 * 2
