@@ -96,10 +96,13 @@ def _run(cfg, topology, device, data, train, preemption) -> int:
         from ..report import write_report
 
         report = write_report(result.run_dir)
-        final = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
-        val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
-        print(f"gatepro-train: done: {result.steps_done} steps, final loss {final}, "
-              f"val loss {val}; report: {report}", flush=True)
+        if not result.losses:  # resumed a run that had already finished
+            print(f"gatepro-train: {result.run_dir} already finished its {result.steps_done} steps; "
+                  f"report: {report}", flush=True)
+        else:
+            val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+            print(f"gatepro-train: done: {result.steps_done} steps, final loss {result.losses[-1]:.4f}, "
+                  f"val loss {val}; report: {report}", flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
