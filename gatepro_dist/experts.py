@@ -30,28 +30,28 @@ def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
 class _SwiGLUActivation(torch.autograd.Function):
     """silu(gate) * up, from the fused [gate | up] projection h [M, 2F].
 
-    Autograd of ``chunk`` would build the gradient of h from its two halves with a concatenation
-    (one more pass over the largest activation); this backward writes both halves in place into one
-    contiguous [M, 2F] tensor, the layout grouped_mm's backward needs.
+    Memory: only h is saved (silu(gate) is recomputed in backward), and the backward writes the
+    gradient of h into h's own storage -- h feeds nothing else (the projection that made it saves
+    its inputs, not its output), so the largest activation is not allocated twice. Autograd of
+    ``chunk`` would also build the gradient from two halves with a concatenation; this writes one
+    contiguous [M, 2F] tensor, the layout grouped_mm's backward needs. (Not for retain_graph: a
+    second backward would read the overwritten h.)
     """
 
     @staticmethod
     def forward(ctx, h_MF2: torch.Tensor) -> torch.Tensor:
         gate_MF, up_MF = h_MF2.chunk(2, dim=-1)
-        silu_gate_MF = F.silu(gate_MF)
-        ctx.save_for_backward(h_MF2, silu_gate_MF)
-        return silu_gate_MF * up_MF
+        ctx.save_for_backward(h_MF2)
+        return F.silu(gate_MF) * up_MF
 
     @staticmethod
     def backward(ctx, grad_MF: torch.Tensor) -> torch.Tensor:
-        h_MF2, silu_gate_MF = ctx.saved_tensors
+        (h_MF2,) = ctx.saved_tensors
         gate_MF, up_MF = h_MF2.chunk(2, dim=-1)
-        grad_h_MF2 = torch.empty_like(h_MF2)
-        grad_gate_MF, grad_up_MF = grad_h_MF2.chunk(2, dim=-1)
-        torch.mul(grad_MF, silu_gate_MF, out=grad_up_MF)
-        torch.mul(grad_MF, up_MF, out=grad_gate_MF)
-        torch.ops.aten.silu_backward(grad_gate_MF, gate_MF, grad_input=grad_gate_MF)
-        return grad_h_MF2
+        grad_silu_MF = grad_MF * up_MF  # d/d silu(gate); up is overwritten next
+        torch.mul(grad_MF, F.silu(gate_MF), out=up_MF)  # d/d up
+        torch.ops.aten.silu_backward(grad_silu_MF, gate_MF, grad_input=gate_MF)  # d/d gate, in place
+        return h_MF2
 
 
 def swiglu_grouped(x_MD, gate_up_EDF2, down_EFD, tokens_per_expert_E) -> torch.Tensor:
