@@ -39,3 +39,18 @@ def test_every_token_on_one_expert_for_many_steps(tmp_path, monkeypatch, capacit
                 assert layer["dropped_tokens"] == dropped >= TOKENS - cap
                 assert layer["drop_rate"] == dropped / (TOKENS * TOP_K)
                 assert layer["expert_rows_max"] == cap  # the bound on what one expert computes
+
+
+def test_the_extremes_benchmark_runs_end_to_end_on_tiny_settings():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "gatepro_dist.bench.cli", "extremes", "--tokens", "256", "--hidden", "32",
+                           "--ffn", "32", "--experts", "8"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split() for line in done.stdout.splitlines()[1:]]
+    assert len(rows) == 8  # (balanced, one hot) x (dropless, capacity 1.0) x 2 ranks
+    capacity = expert_capacity(2 * 256, TOP_K, EXPERTS, 1.0)
+    hot_capped = [r for r in rows if r[:3] == ["one", "hot", "1.0"]]
+    hot_rank, other_rank = (int(r[5]) for r in hot_capped)  # "most rows/expert" of ranks 0 and 1
+    assert hot_rank == capacity and other_rank <= capacity

@@ -3,6 +3,7 @@
     gatepro-bench layer [--compare deepspeed] [...]   one MoE layer fwd+bwd (bench/layer.py)
     gatepro-bench throughput [...]                    training tokens/s, MoE vs dense (bench/throughput.py)
     gatepro-bench comm [...]                          bytes per layer, cost model vs counted (bench/comm.py)
+    gatepro-bench extremes [...]                      memory with every token on one expert (bench/extremes.py)
 
 Everything after the subcommand goes to that benchmark's own options (``gatepro-bench layer
 --help``); ``python -m gatepro_dist.bench.<subcommand>`` runs the same code.
@@ -17,6 +18,7 @@ COMMANDS = {
     "layer": "fwd+bwd of one MoE layer: plain vs GatePro, grouped GEMM vs loop, or ours vs DeepSpeed-MoE",
     "throughput": "training tokens/s of the quickstart model: MoE vs dense, 1 vs 2 processes",
     "comm": "communication per MoE layer: the cost model's bytes beside the counted bytes",
+    "extremes": "peak memory of one layer when every token goes to one expert, dropless vs capacity",
 }
 
 
