@@ -50,7 +50,7 @@ def _autocast(cfg: Config, device: torch.device):
 
 
 def _mean_over_world(values: list[float], groups: ParallelGroups) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=comm.device_for(groups.world_group))
     comm.all_reduce_sum(t, groups.world_group)
     return (t / groups.world_size).tolist()
 
@@ -79,7 +79,8 @@ class _StepStats:
     def records(self, groups: ParallelGroups) -> list[dict]:
         layers = self.layers or []
         losses = _mean_over_world([v for acc in layers for v in (acc["aux"] / acc["n"], acc["z"] / acc["n"])], groups)
-        rows_max = comm.all_reduce_max(torch.tensor([acc["rows_max"] for acc in layers], dtype=torch.long),
+        rows_max = comm.all_reduce_max(torch.tensor([acc["rows_max"] for acc in layers], dtype=torch.long,
+                                                    device=comm.device_for(groups.world_group)),
                                        groups.world_group).tolist()
         out = []
         for i, acc in enumerate(layers):
@@ -107,7 +108,7 @@ def locate_non_finite(model: Transformer, finite_L: torch.Tensor, groups: Parall
         return {"what": "activation", "layer": layer, "where": f"the output of layer {layer} ({kind})"}
     names = [name for name, p in model.named_parameters()]
     bad_P = torch.tensor([float(p.grad is not None and not bool(torch.isfinite(p.grad).all()))
-                          for p in model.parameters()], dtype=torch.float64)
+                          for p in model.parameters()], dtype=torch.float64, device=finite_L.device)
     comm.all_reduce_sum(bad_P, groups.world_group)
     if bool(bad_P.any()):
         name = names[int(bad_P.nonzero()[0])]
