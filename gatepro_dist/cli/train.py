@@ -16,7 +16,7 @@ import sys
 import torch.distributed as dist
 
 from .. import faults
-from ..checkpoint import CheckpointError, CheckpointSaveError
+from ..checkpoint import CheckpointError, CheckpointSaveError, preflight_resume
 from ..config import ConfigError, help_text, load_config, validate
 from ..data import DataError
 from ..preemption import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_LOST_RANK, EXIT_PREEMPTED, NonFiniteStop,
@@ -48,7 +48,6 @@ def main(argv: list[str] | None = None) -> int:
         faults.check()  # a malformed GATEPRO_FAULT (reliability testing) is bad input too
         topology = complete_world(detect_topology())  # ranks from torchrun, Slurm, MPI or PMIx
         cfg = validate(load_config(config_path, args), topology.world_size)
-        from ..checkpoint import preflight_resume
         from ..trainer import load_data, train  # torch-heavy imports after the cheap checks
 
         preflight_resume(cfg.train.run_dir, cfg.train.resume, cfg.to_dict())
