@@ -179,10 +179,14 @@ def expert_capacity(total_tokens: int, top_k: int, num_experts: int, capacity_fa
 
 
 def gate_similarity_stats(gate_weight: torch.Tensor) -> dict[str, float]:
-    """The paper's diagnostics of S: mean off-diagonal cosine, mean angle, spectral entropy."""
+    """The paper's diagnostics of S: mean off-diagonal cosine, mean angle, spectral entropy; and
+    ``mean_nearest_cos``, each expert's cosine to its most similar other expert (the pair GatePro
+    makes compete), averaged over experts."""
     similarity_NN = cosine_similarity_matrix(gate_weight, torch.float64)
     n = similarity_NN.shape[0]
-    off_diag = similarity_NN[~torch.eye(n, dtype=torch.bool)]
+    off_diag_mask = ~torch.eye(n, dtype=torch.bool)
+    off_diag = similarity_NN[off_diag_mask]
+    nearest_N = similarity_NN.masked_fill(~off_diag_mask, float("-inf")).amax(dim=1) if n > 1 else off_diag
     angles = torch.rad2deg(torch.arccos(off_diag.clamp(-1.0, 1.0)))
     singular = torch.linalg.svdvals(similarity_NN)
     p = singular / singular.sum().clamp_min(1e-30)
@@ -190,6 +194,7 @@ def gate_similarity_stats(gate_weight: torch.Tensor) -> dict[str, float]:
     entropy = float(-(p * p.log()).sum())
     return {
         "mean_cos": float(off_diag.mean()),
+        "mean_nearest_cos": float(nearest_N.mean()),
         "mean_angle_deg": float(angles.mean()),
         "spectral_entropy": entropy,
     }

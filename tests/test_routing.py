@@ -151,6 +151,16 @@ def test_similarity_stats_of_orthogonal_rows():
     assert stats["mean_cos"] == pytest.approx(0.0)
     assert stats["mean_angle_deg"] == pytest.approx(90.0)
     assert stats["spectral_entropy"] == pytest.approx(math.log(4))
+    assert stats["mean_nearest_cos"] == pytest.approx(0.0)
+
+
+def test_nearest_cosine_is_the_similarity_of_the_pairs_gatepro_forms():
+    weight_ND = torch.randn(12, 6, generator=torch.Generator().manual_seed(3))
+    rival_N = most_similar_expert(weight_ND)
+    unit_ND = weight_ND / weight_ND.norm(dim=1, keepdim=True)
+    pair_cos_N = (unit_ND * unit_ND[rival_N]).sum(dim=1)
+    assert gate_similarity_stats(weight_ND)["mean_nearest_cos"] == pytest.approx(float(pair_cos_N.mean()), abs=1e-6)
+    assert gate_similarity_stats(weight_ND)["mean_nearest_cos"] > gate_similarity_stats(weight_ND)["mean_cos"]
 
 
 @pytest.mark.parametrize(
