@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 
 from . import faults
-from .config import Config
+from .config import Config, flatten_keys
 from .parallel import ParallelGroups, single_process_groups
 from .router import is_expert_parallel
 
@@ -356,8 +356,8 @@ def check_compatible(manifest: dict, config: dict, path: Path) -> list[str]:
 
     A key the saved config lacks (added to the schema later) counts as its default value.
     """
-    saved = {**_flatten(Config().to_dict()), **_flatten(manifest.get("config", {}))}
-    now = _flatten(config)
+    saved = {**flatten_keys(Config().to_dict()), **flatten_keys(manifest.get("config", {}))}
+    now = flatten_keys(config)
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     for key in changed:
         if key.startswith(SHAPE_KEYS):
@@ -409,16 +409,6 @@ def read_model_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.load(state, checkpoint_id=str(path), no_dist=True)
     return {key[len("model."):]: tensor for key, tensor in state.items()}
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _write_json(path: Path, obj: dict) -> None:

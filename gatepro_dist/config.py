@@ -218,7 +218,7 @@ HASH_EXCLUDED_KEYS = (
 
 def config_hash(cfg: Config) -> str:
     """First 12 hex digits of sha256 over the resolved config minus HASH_EXCLUDED_KEYS."""
-    flat = {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in HASH_EXCLUDED_KEYS}
+    flat = {k: v for k, v in flatten_keys(cfg.to_dict()).items() if k not in HASH_EXCLUDED_KEYS}
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -350,13 +350,14 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten_keys(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"moe": {"top_k": 2}}`` -> ``{"moe.top_k": 2}`` (nested mappings to dotted keys)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten_keys(v, f"{prefix}{k}."))
         else:
-            out[prefix + k] = v
+            out[f"{prefix}{k}"] = v
     return out
 
 
@@ -532,7 +533,7 @@ def _check_values(cfg: Config) -> None:
 
 
 def _check_shapes(cfg: Config) -> None:
-    m, moe, t = cfg.model, cfg.moe, cfg.train
+    m, moe = cfg.model, cfg.moe
     if moe.top_k < 1 or moe.top_k > moe.num_experts:
         raise _fail("moe.top_k", moe.top_k, f"must be between 1 and moe.num_experts={moe.num_experts}",
                     f"choose 1 <= moe.top_k <= {moe.num_experts}")

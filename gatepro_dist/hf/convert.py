@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from ..checkpoint import CHECKPOINTS, MANIFEST, latest_checkpoint, read_manifest, read_model_tensors, save_weights_only
-from ..config import Config, apply_overrides, config_from_dict, config_hash, load_config, validate
+from ..config import Config, apply_overrides, config_from_dict, config_hash, flatten_keys, load_config, validate
 from .families import HFConversionError, check_exportable, family_named, family_of, gatepro_keys_from_hf, \
     hf_config_from_gatepro
 from .weights import SafetensorsDir, check_no_strays, hf_names, parse_size, plan, to_gatepro, to_hf, \
@@ -72,18 +72,6 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict):
-        return {}
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _with(cfg: Config, values: dict[str, Any]) -> Config:
     """`cfg` with dotted keys set (type-checked by the schema)."""
     nested = cfg.to_dict()
@@ -97,7 +85,7 @@ def _with(cfg: Config, values: dict[str, Any]) -> Config:
 
 
 def _get(cfg: Config, key: str) -> Any:
-    return _flat(cfg.to_dict())[key]
+    return flatten_keys(cfg.to_dict())[key]
 
 
 # ---- import ---------------------------------------------------------------------------------
@@ -177,7 +165,8 @@ def _run_config(config_path: str | None, overrides: Sequence[str], forced: dict,
     cfg = load_config(config_path, [])
     user_keys = {}
     if config_path is not None:
-        user_keys = _flat(yaml.safe_load(Path(config_path).read_text()) or {})
+        data = yaml.safe_load(Path(config_path).read_text())
+        user_keys = flatten_keys(data) if isinstance(data, dict) else {}
     for key, value in forced.items():
         if key in user_keys and _get(cfg, key) != _get(_with(cfg, {key: value}), key):
             raise HFConversionError(
