@@ -117,6 +117,33 @@ def locate_non_finite(model: Transformer, finite_L: torch.Tensor, groups: Parall
     return {"what": "loss", "layer": None, "where": "the loss (activations and gradients were finite)"}
 
 
+def finish_step(record: dict, cfg: Config, groups: ParallelGroups, device, model: Transformer, data,
+                metrics: MetricsWriter, progress: ProgressBar, preemption: PreemptionWatch | None, save,
+                run_dir: Path, val_loss: float | None, eval_model=None) -> float | None:
+    """Everything after a step's update, for both engines: router similarity and evaluation when
+    due, the metrics line, the agreed preemption check and the checkpoint. Returns the latest
+    validation loss; raises Preempted after saving when the ranks agreed to stop. ``eval_model``
+    (default ``model``) is what evaluation calls, e.g. the module a DeepSpeed engine wraps."""
+    t, done = cfg.train, record["step"]
+    if done % t.stats_every == 0 or done == t.steps:
+        with torch.no_grad():
+            for entry, layer in zip(record["moe"], model.moe_layers):
+                entry["similarity"] = gate_similarity_stats(layer.router.gathered_weight())
+    if done % t.eval_every == 0 or done == t.steps:
+        val_loss = record["val_loss"] = evaluate(model if eval_model is None else eval_model, data.val, cfg, groups, device)
+    metrics.write(record)
+    progress.update(done, loss=record["loss"], tokens_per_s=record["tokens_per_s"])
+    # Every rank agrees on the step to stop at (a MAX all-reduce of the signal flag).
+    stop = preemption.agreed(groups.world_group, device) if preemption is not None and done < t.steps else 0
+    if stop or done % t.save_every == 0 or done == t.steps:
+        save(done)
+    if stop:
+        progress.close()
+        metrics.close()
+        raise Preempted(done, stop, latest_checkpoint(run_dir))
+    return val_loss
+
+
 def evaluate(model, val, cfg: Config, groups: ParallelGroups, device) -> float:
     """Mean next-token loss over the first ``eval_batches`` global batches of the validation set."""
     per_rank = max(1, cfg.train.global_batch_size // groups.world_size)
@@ -242,23 +269,8 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
                 raise NonFiniteStop(f"non-finite {where['what']} at step {done}, first in {where['where']}; "
                                     f"checkpoint {latest_checkpoint(run_dir)} saved (without this step's update); "
                                     "lower train.lr or raise train.grad_clip/warmup, then resume with train.resume=auto")
-        if done % t.stats_every == 0 or done == t.steps:
-            with torch.no_grad():
-                for entry, layer in zip(record["moe"], model.moe_layers):
-                    entry["similarity"] = gate_similarity_stats(layer.router.gathered_weight())
-        if done % t.eval_every == 0 or done == t.steps:
-            val_loss = evaluate(model, data.val, cfg, groups, device)
-            record["val_loss"] = val_loss
-        metrics.write(record)
-        progress.update(done, loss=step_loss, tokens_per_s=record["tokens_per_s"])
-        # Every rank agrees on the step to stop at (a MAX all-reduce of the signal flag).
-        stop = preemption.agreed(groups.world_group, device) if preemption is not None and done < t.steps else 0
-        if stop or done % t.save_every == 0 or done == t.steps:
-            save(done)
-        if stop:
-            progress.close()
-            metrics.close()
-            raise Preempted(done, stop, latest_checkpoint(run_dir))
+        val_loss = finish_step(record, cfg, groups, device, model, data, metrics, progress, preemption, save,
+                               run_dir, val_loss)
 
     progress.close()
     metrics.close()

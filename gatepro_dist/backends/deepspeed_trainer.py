@@ -15,16 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from .. import comm
-from ..checkpoint import check_compatible, latest_checkpoint, read_manifest, resolve_resume
+from ..checkpoint import check_compatible, read_manifest, resolve_resume
 from ..config import Config, config_hash
 from ..data import GlobalBatchSampler
 from ..metrics import MetricsWriter, ProgressBar
 from ..model import Transformer
 from ..optim import clip_gradients, global_grad_norm, lr_at
 from ..parallel import ParallelGroups
-from ..preemption import NonFiniteStop, Preempted, PreemptionWatch
-from ..routing import gate_similarity_stats
-from ..trainer import TrainResult, _mean_over_world, _StepStats, evaluate, load_data, my_part
+from ..preemption import NonFiniteStop, PreemptionWatch
+from ..trainer import TrainResult, _mean_over_world, _StepStats, finish_step, load_data, my_part
 from .deepspeed_config import trainer_clips
 from .deepspeed_engine import (build_engine, ensure_process_group, import_deepspeed, load_deepspeed_checkpoint,
                                save_deepspeed_checkpoint)
@@ -118,23 +117,8 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
         record = {"step": done, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
                   "tokens_per_s": tokens_per_step / elapsed, "gatepro": gatepro_on,
                   "moe": step_stats.records(groups)}
-        if done % t.stats_every == 0 or done == t.steps:
-            with torch.no_grad():
-                for entry, layer in zip(record["moe"], model.moe_layers):
-                    entry["similarity"] = gate_similarity_stats(layer.router.gathered_weight())
-        if done % t.eval_every == 0 or done == t.steps:
-            val_loss = evaluate(engine.module, data.val, cfg, groups, device)
-            record["val_loss"] = val_loss
-        metrics.write(record)
-        progress.update(done, loss=step_loss, tokens_per_s=record["tokens_per_s"])
-        # As in the native trainer: every rank agrees on the step to stop at, then checkpoints.
-        stop = preemption.agreed(groups.world_group, device) if preemption is not None and done < t.steps else 0
-        if stop or done % t.save_every == 0 or done == t.steps:
-            save(done)
-        if stop:
-            progress.close()
-            metrics.close()
-            raise Preempted(done, stop, latest_checkpoint(run_dir))
+        val_loss = finish_step(record, cfg, groups, device, model, data, metrics, progress, preemption,
+                               save, run_dir, val_loss, eval_model=engine.module)
 
     progress.close()
     metrics.close()
