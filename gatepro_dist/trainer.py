@@ -130,7 +130,8 @@ def finish_step(record: dict, cfg: Config, groups: ParallelGroups, device, model
             for entry, layer in zip(record["moe"], model.moe_layers):
                 entry["similarity"] = gate_similarity_stats(layer.router.gathered_weight())
     if done % t.eval_every == 0 or done == t.steps:
-        val_loss = record["val_loss"] = evaluate(model if eval_model is None else eval_model, data.val, cfg, groups, device)
+        evaluated = model if eval_model is None else eval_model
+        val_loss = record["val_loss"] = evaluate(evaluated, data.val, cfg, groups, device)
     metrics.write(record)
     progress.update(done, loss=record["loss"], tokens_per_s=record["tokens_per_s"])
     # Every rank agrees on the step to stop at (a MAX all-reduce of the signal flag).
@@ -266,9 +267,10 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
                 metrics.write(record)
                 save(done)
                 metrics.close()
-                raise NonFiniteStop(f"non-finite {where['what']} at step {done}, first in {where['where']}; "
-                                    f"checkpoint {latest_checkpoint(run_dir)} saved (without this step's update); "
-                                    "lower train.lr or raise train.grad_clip/warmup, then resume with train.resume=auto")
+                raise NonFiniteStop(
+                    f"non-finite {where['what']} at step {done}, first in {where['where']}; checkpoint "
+                    f"{latest_checkpoint(run_dir)} saved (without this step's update); lower train.lr or raise "
+                    "train.grad_clip/warmup, then resume with train.resume=auto")
         val_loss = finish_step(record, cfg, groups, device, model, data, metrics, progress, preemption, save,
                                run_dir, val_loss)
 
