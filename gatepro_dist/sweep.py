@@ -29,7 +29,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, load_config, validate
+from .config import ConfigError, load_config
+from .config_checks import validate
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ directory byte-for-byte as it was: nothing created, nothing overwritten.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 

@@ -9,8 +9,9 @@ import pytest
 
 from gatepro_dist.config import (
     HASH_EXCLUDED_KEYS, Config, ConfigError, GateProConfig, all_keys, config_from_dict,
-    config_hash, gatepro_enabled_at, help_text, load_config, validate,
+    config_hash, gatepro_enabled_at, help_text, load_config,
 )
+from gatepro_dist.config_checks import validate
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -13,7 +13,8 @@ import pytest
 from distributed import run_on_ranks
 from gatepro_dist.backends.deepspeed_config import deepspeed_config, generated_config, merge
 from gatepro_dist.checkpoint import CheckpointError
-from gatepro_dist.config import ConfigError, load_config, validate
+from gatepro_dist.config import ConfigError, load_config
+from gatepro_dist.config_checks import validate
 from test_trainer import TINY, tiny_config
 
 STAGES = (0, 1, 2)

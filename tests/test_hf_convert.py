@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from distributed import run_on_ranks  # noqa: E402
 from gatepro_dist.checkpoint import load_checkpoint, read_manifest, save_weights_only  # noqa: E402
-from gatepro_dist.config import config_hash, load_config, validate  # noqa: E402
+from gatepro_dist.config import config_hash, load_config  # noqa: E402
+from gatepro_dist.config_checks import validate  # noqa: E402
 from gatepro_dist.hf import export_hf, import_hf  # noqa: E402
 from gatepro_dist.hf.tiny import VOCAB_SIZE, randomize, save_tiny_model  # noqa: E402
 from gatepro_dist.model import Transformer  # noqa: E402

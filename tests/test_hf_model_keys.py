@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from gatepro_dist import data as data_module
-from gatepro_dist.config import ConfigError, load_config, validate
+from gatepro_dist.config import ConfigError, load_config
+from gatepro_dist.config_checks import validate
 from gatepro_dist.data import DataError, load_tokens
 from gatepro_dist.experts import SwiGLU
 from gatepro_dist.model import Attention, Transformer, rope_tables

@@ -5,7 +5,8 @@ import pytest
 
 from pathlib import Path
 
-from gatepro_dist.config import load_config, validate
+from gatepro_dist.config import load_config
+from gatepro_dist.config_checks import validate
 from gatepro_dist.parallel import single_process_groups
 from gatepro_dist.trainer import load_data, train
 

@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from distributed import run_on_ranks
 from gatepro_dist.checkpoint import latest_checkpoint
-from gatepro_dist.config import load_config, validate
+from gatepro_dist.config import load_config
+from gatepro_dist.config_checks import validate
 from gatepro_dist.parallel import build_parallel_groups, single_process_groups
 from gatepro_dist.trainer import train
 

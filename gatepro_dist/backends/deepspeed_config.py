@@ -1,6 +1,6 @@
 """The DeepSpeed config generated from ours, with a user JSON merged on top.
 
-Pure data: no torch, no deepspeed, so ``config.validate`` can check a user's JSON before any
+Pure data: no torch, no deepspeed, so ``config_checks.validate`` can check a user's JSON before any
 process starts. Our YAML stays the one source of truth for everything that changes the numbers
 our trainer computes (batch sizes, optimizer, LR schedule, precision, ZeRO stage); the user's JSON
 may tune everything else (bucket sizes, communication dtype, logging...). A key that would

@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from .. import faults
 from ..checkpoint import CheckpointError, CheckpointSaveError, preflight_resume
-from ..config import ConfigError, help_text, load_config, validate
+from ..config import ConfigError, help_text, load_config
+from ..config_checks import validate
 from ..data import DataError
 from ..preemption import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_LOST_RANK, EXIT_PREEMPTED, NonFiniteStop,
                           Preempted, PreemptionWatch, is_lost_contact, lost_contact_message)
