@@ -22,7 +22,7 @@ case "${1:-}" in
     *) exec "$@" ;;
 esac
 entry=gatepro_dist.cli.train
-[ "$verb" = train ] || entry=gatepro_dist.doctor
+[ "$verb" = train ] || entry=gatepro_dist.cluster.doctor
 
 if [ -n "${SLURM_JOB_ID:-}" ] && [ -n "${SLURM_STEP_NUM_TASKS:-}" ]; then
     nodes=${SLURM_STEP_NUM_NODES:-${SLURM_NNODES:-1}}
@@ -37,7 +37,7 @@ if [ -n "${SLURM_JOB_ID:-}" ] && [ -n "${SLURM_STEP_NUM_TASKS:-}" ]; then
         nodelist=${SLURM_STEP_NODELIST:-${SLURM_JOB_NODELIST:-}}
         MASTER_ADDR=$(scontrol show hostnames "$nodelist" 2>/dev/null | head -n1 || true)
         [ -n "$MASTER_ADDR" ] || MASTER_ADDR=$("${PYTHON:-python3}" -c 'import os
-from gatepro_dist.topology import slurm_head_node
+from gatepro_dist.cluster.topology import slurm_head_node
 print(slurm_head_node(os.environ) or "")')  # no scontrol in the image: expand the list ourselves
         [ -n "$MASTER_ADDR" ] || { echo "entrypoint: error: cannot tell the first node of the Slurm step; export MASTER_ADDR" >&2; exit 2; }
         export MASTER_ADDR

@@ -16,7 +16,7 @@ set -euo pipefail
 
 entry=gatepro_dist.cli.train
 case "${1:-}" in
-    doctor) entry=gatepro_dist.doctor; shift ;;
+    doctor) entry=gatepro_dist.cluster.doctor; shift ;;
     train) shift ;;
 esac
 

@@ -1,2 +1,2 @@
-"""Real gloo process groups for tests (no mocks): see gatepro_dist.spawn."""
-from gatepro_dist.spawn import run_on_ranks  # noqa: F401
+"""Real gloo process groups for tests (no mocks): see gatepro_dist.cluster.spawn."""
+from gatepro_dist.cluster.spawn import run_on_ranks  # noqa: F401

@@ -163,7 +163,7 @@ def test_bad_input_is_refused_with_one_exact_line_and_nothing_changes(
     for key, value in environment.items():
         if value is not None:
             monkeypatch.setenv(key, value)
-    import gatepro_dist.faults as faults
+    import gatepro_dist.cluster.faults as faults
     monkeypatch.setattr(faults, "_problem", None)
     faults.install(environment.get("GATEPRO_FAULT"))
     try:

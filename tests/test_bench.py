@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from gatepro_dist.bench.layer import HEADER
-from gatepro_dist.bench.vs_deepspeed import HEADER as VS_DEEPSPEED_HEADER
+from gatepro_dist.experiments.bench.layer import HEADER
+from gatepro_dist.experiments.bench.vs_deepspeed import HEADER as VS_DEEPSPEED_HEADER
 
 
 def gatepro_bench(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -20,7 +20,7 @@ def gatepro_bench(*args: str, timeout: int = 300) -> subprocess.CompletedProcess
 
 def test_layer_benchmark_quick_prints_the_table_and_the_gatepro_overhead():
     done = subprocess.run(
-        [sys.executable, "-m", "gatepro_dist.bench.layer", "--quick"],
+        [sys.executable, "-m", "gatepro_dist.experiments.bench.layer", "--quick"],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
@@ -52,7 +52,7 @@ def test_layer_vs_deepspeed_quick_prints_both_sides_and_ends_with_the_speedup():
 def test_layer_vs_deepspeed_without_deepspeed_exits_2_with_the_fix_before_any_work():
     # sys.modules[name] = None makes `import deepspeed` fail as if it were not installed.
     code = ("import sys; sys.modules['deepspeed'] = None\n"
-            "from gatepro_dist.bench.cli import main\n"
+            "from gatepro_dist.experiments.bench.cli import main\n"
             "sys.exit(main(['layer', '--compare', 'deepspeed']))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2

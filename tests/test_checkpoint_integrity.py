@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from distributed import run_on_ranks
-from gatepro_dist.checkpoint import CheckpointError, find_damage, latest_checkpoint, resolve_resume
-from gatepro_dist.parallel import single_process_groups
+from gatepro_dist.train.checkpoint import CheckpointError, find_damage, latest_checkpoint, resolve_resume
+from gatepro_dist.train.parallel import single_process_groups
 from launch_helpers import REPO, clean_env, losses, train_args
 from test_trainer import assert_close_lists, run_training
 
@@ -110,7 +110,7 @@ def test_when_every_checkpoint_is_damaged_resume_auto_stops_with_a_clear_error(t
 
 
 def _resolve_on_ranks(rank, world, run):
-    from gatepro_dist.parallel import build_parallel_groups
+    from gatepro_dist.train.parallel import build_parallel_groups
 
     said = []
     chosen = resolve_resume(run, "auto", build_parallel_groups(2), log=said.append)

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from gatepro_dist.bench.comm import measure
-from gatepro_dist.comm_model import LayerComm
+from gatepro_dist.experiments.bench.comm import measure
+from gatepro_dist.moe.comm_model import LayerComm
 
 
 @pytest.mark.parametrize("ep", [2, 4])
@@ -25,7 +25,7 @@ def test_uniform_prediction_is_the_expected_remote_share():
 
 
 def test_comm_bench_command_prints_the_table():
-    proc = subprocess.run([sys.executable, "-m", "gatepro_dist.bench.comm", "--tokens", "64", "--hidden", "16"],
+    proc = subprocess.run([sys.executable, "-m", "gatepro_dist.experiments.bench.comm", "--tokens", "64", "--hidden", "16"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "predicted_equals_counted=True" in proc.stdout

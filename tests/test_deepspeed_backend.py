@@ -12,7 +12,7 @@ import pytest
 
 from distributed import run_on_ranks
 from gatepro_dist.backends.deepspeed_config import deepspeed_config, generated_config, merge
-from gatepro_dist.checkpoint import CheckpointError
+from gatepro_dist.train.checkpoint import CheckpointError
 from gatepro_dist.config import ConfigError, load_config
 from gatepro_dist.config_checks import validate
 from test_trainer import TINY, tiny_config
@@ -99,8 +99,8 @@ def test_native_checkpoint_is_refused_with_a_clear_message(tmp_path):
 
 def _trajectories(rank, world, root):
     """Native 5 steps; then per ZeRO stage: 5 DeepSpeed steps (checkpoint at 3), and a resume from 3."""
-    from gatepro_dist.parallel import build_parallel_groups
-    from gatepro_dist.trainer import train
+    from gatepro_dist.train.parallel import build_parallel_groups
+    from gatepro_dist.train.trainer import train
 
     def run(name, *overrides):
         cfg = tiny_config(f"{root}/{name}", *STEPS, *overrides, world_size=world)
@@ -165,12 +165,12 @@ def _gradients(rank, world, run_dir, stages):
     from deepspeed.utils import safe_get_full_grad
 
     from gatepro_dist.backends.deepspeed_engine import build_engine, import_deepspeed
-    from gatepro_dist.data import GlobalBatchSampler
-    from gatepro_dist.model import Transformer
-    from gatepro_dist.optim import reduce_gradients
-    from gatepro_dist.parallel import build_parallel_groups
-    from gatepro_dist.router import is_expert_parallel
-    from gatepro_dist.trainer import load_data, my_part
+    from gatepro_dist.train.data import GlobalBatchSampler
+    from gatepro_dist.train.model import Transformer
+    from gatepro_dist.train.optim import reduce_gradients
+    from gatepro_dist.train.parallel import build_parallel_groups
+    from gatepro_dist.moe.router import is_expert_parallel
+    from gatepro_dist.train.trainer import load_data, my_part
 
     cfg = tiny_config(run_dir, "parallel.ep=2", "train.backend=deepspeed", world_size=world)
     groups = build_parallel_groups(2)

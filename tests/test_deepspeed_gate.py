@@ -7,7 +7,7 @@ import torch
 from distributed import run_on_ranks
 from gatepro_dist.integrations.deepspeed_gate import (SPARSE_ROUTES_CONTRACT, GateProGate, deepspeed_balance_loss,
                                                       use_gatepro)
-from gatepro_dist.router import GateProRouter
+from gatepro_dist.moe.router import GateProRouter
 
 D, N, T = 16, 8, 96
 
@@ -126,7 +126,7 @@ def _train_ep2(rank, world, steps):
     import deepspeed
     from deepspeed.moe.layer import MoE
 
-    from gatepro_dist.routing import most_similar_expert
+    from gatepro_dist.moe.routing import most_similar_expert
 
     torch.manual_seed(0)  # the same initial weights on both ranks (DeepSpeed broadcasts them anyway)
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gatepro_dist.doctor import diagnose
+from gatepro_dist.cluster.doctor import diagnose
 from launch_helpers import clean_env, run
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gatepro_dist.experts import GroupedExperts, SwiGLU
+from gatepro_dist.moe.experts import GroupedExperts, SwiGLU
 from gatepro_dist.moe import MoELayer, MoESpec
 
 

@@ -3,7 +3,7 @@ optimizer step, checkpoint write) in a real 2-process run. Every trial: the surv
 non-zero within parallel.timeout_s, the last complete checkpoint is intact, and the run resumed
 from it ends with exactly the losses of an uninterrupted run.
 
-The kill is placed by GATEPRO_FAULT (gatepro_dist/faults.py): the victim sends SIGKILL to itself
+The kill is placed by GATEPRO_FAULT (gatepro_dist/cluster/faults.py): the victim sends SIGKILL to itself
 at that point, so the trial is reproducible from its seed. The processes, the gloo groups, the
 checkpoints and the resume are all real.
 """
@@ -18,9 +18,9 @@ import time
 
 import pytest
 
-from gatepro_dist.checkpoint import find_damage, latest_checkpoint
-from gatepro_dist.parallel import single_process_groups
-from gatepro_dist.preemption import EXIT_LOST_RANK
+from gatepro_dist.train.checkpoint import find_damage, latest_checkpoint
+from gatepro_dist.train.parallel import single_process_groups
+from gatepro_dist.cluster.preemption import EXIT_LOST_RANK
 from launch_helpers import losses
 from test_launch_faults import start_ranks
 

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from gatepro_dist.checkpoint import (CheckpointError, check_compatible, latest_checkpoint, read_manifest,
+from gatepro_dist.train.checkpoint import (CheckpointError, check_compatible, latest_checkpoint, read_manifest,
                                      read_model_tensors, save_weights_only)
 from gatepro_dist.config import config_hash
-from gatepro_dist.model import Transformer
+from gatepro_dist.train.model import Transformer
 from test_trainer import assert_close_lists, run_training, tiny_config
 
 STEPS = ["train.steps=3", "train.save_every=3"]

@@ -16,13 +16,13 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from distributed import run_on_ranks  # noqa: E402
-from gatepro_dist.checkpoint import load_checkpoint, read_manifest, save_weights_only  # noqa: E402
+from gatepro_dist.train.checkpoint import load_checkpoint, read_manifest, save_weights_only  # noqa: E402
 from gatepro_dist.config import config_hash, load_config  # noqa: E402
 from gatepro_dist.config_checks import validate  # noqa: E402
 from gatepro_dist.hf import export_hf, import_hf  # noqa: E402
 from gatepro_dist.hf.tiny import VOCAB_SIZE, randomize, save_tiny_model  # noqa: E402
-from gatepro_dist.model import Transformer  # noqa: E402
-from gatepro_dist.parallel import build_parallel_groups, single_process_groups  # noqa: E402
+from gatepro_dist.train.model import Transformer  # noqa: E402
+from gatepro_dist.train.parallel import build_parallel_groups, single_process_groups  # noqa: E402
 
 FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
 TOKENS = torch.randint(0, VOCAB_SIZE, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from gatepro_dist.cli.convert import main  # noqa: E402
 from gatepro_dist.config import config_hash, load_config  # noqa: E402
-from gatepro_dist.checkpoint import save_weights_only  # noqa: E402
+from gatepro_dist.train.checkpoint import save_weights_only  # noqa: E402
 from gatepro_dist.hf.tiny import save_tiny_model  # noqa: E402
-from gatepro_dist.model import Transformer  # noqa: E402
+from gatepro_dist.train.model import Transformer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

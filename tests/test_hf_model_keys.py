@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from gatepro_dist import data as data_module
+from gatepro_dist.train import data as data_module
 from gatepro_dist.config import ConfigError, load_config
 from gatepro_dist.config_checks import validate
-from gatepro_dist.data import DataError, load_tokens
-from gatepro_dist.experts import SwiGLU
-from gatepro_dist.model import Attention, Transformer, rope_tables
+from gatepro_dist.train.data import DataError, load_tokens
+from gatepro_dist.moe.experts import SwiGLU
+from gatepro_dist.train.model import Attention, Transformer, rope_tables
 from gatepro_dist.moe import MoELayer
-from gatepro_dist.trainer import load_data
+from gatepro_dist.train.trainer import load_data
 
 SMALL = ["model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2", "moe.num_experts=4",
          "moe.expert_ffn_dim=16", "model.dense_ffn_dim=24"]
@@ -64,7 +64,7 @@ def test_qk_norm_scope_sets_what_one_rms_norm_covers(scope):
     q, k = q.view(2, 5, heads, head_dim), k.view(2, 5, kv_heads, head_dim)
     if scope == "head":  # Qwen3: each head's vector on its own
         q, k = rms(q, attn.q_norm.weight), rms(k, attn.k_norm.weight)
-    from gatepro_dist.model import apply_rope
+    from gatepro_dist.train.model import apply_rope
 
     q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
     v = attn.v_proj(x).view(2, 5, kv_heads, head_dim).transpose(1, 2)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from gatepro_dist.topology import (DEFAULT_PORT, Topology, TopologyError, default_port, detect_topology,
+from gatepro_dist.cluster.topology import (DEFAULT_PORT, Topology, TopologyError, default_port, detect_topology,
                                    expand_hostlist, learn_topology, slurm_head_node, tasks_on_node)
 from launch_helpers import REPO, clean_env, run, train_args
 
@@ -154,7 +154,7 @@ def test_torchrun_script_multi_node_uses_c10d_on_master_addr():
                   MASTER_PORT="29444", NPROC_PER_NODE="8", RDZV_ID="job7")
     assert (flag(cmd, "--nnodes"), flag(cmd, "--rdzv-backend"), flag(cmd, "--rdzv-endpoint"),
             flag(cmd, "--rdzv-id"), flag(cmd, "--rdzv-conf")) == ("2", "c10d", "node0:29444", "job7", "is_host=1")
-    assert cmd[-2:] == ["-m", "gatepro_dist.doctor"]
+    assert cmd[-2:] == ["-m", "gatepro_dist.cluster.doctor"]
     proc = run(["bash", "launch/torchrun.sh", "x.yaml"], clean_env(NNODES="2"), timeout=60)
     assert proc.returncode == 2 and "MASTER_ADDR" in proc.stderr
 
@@ -173,7 +173,7 @@ def test_docker_entrypoint_maps_container_variables_to_torchrun():
     assert (flag(cmd, "--nnodes"), flag(cmd, "--nproc-per-node"), flag(cmd, "--rdzv-endpoint"),
             flag(cmd, "--rdzv-conf")) == ("2", "4", "10.1.2.3:29500", "is_host=0")
     assert cmd[-4:] == ["-m", "gatepro_dist.cli.train", "configs/quickstart.yaml", "train.steps=9"]
-    assert dry_run("docker/entrypoint.sh")[-2:] == ["-m", "gatepro_dist.doctor"]  # default command
+    assert dry_run("docker/entrypoint.sh")[-2:] == ["-m", "gatepro_dist.cluster.doctor"]  # default command
 
 
 def test_docker_entrypoint_under_slurm_runs_one_agent_per_node_or_every_rank_directly():

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gatepro_dist.checkpoint import latest_checkpoint
-from gatepro_dist.preemption import EXIT_LOST_RANK, EXIT_PREEMPTED
+from gatepro_dist.train.checkpoint import latest_checkpoint
+from gatepro_dist.cluster.preemption import EXIT_LOST_RANK, EXIT_PREEMPTED
 from launch_helpers import REPO, clean_env, steps_done, train_args
 from test_trainer import run_training
 
@@ -143,7 +143,7 @@ def test_sigusr1_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
 
 
 def test_the_signal_handler_only_records_the_first_signal_and_restores_the_old_one():
-    from gatepro_dist.preemption import PreemptionWatch
+    from gatepro_dist.cluster.preemption import PreemptionWatch
 
     before = signal.getsignal(signal.SIGUSR1)
     watch = PreemptionWatch().install()

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from gatepro_dist.routing import expert_capacity
+from gatepro_dist.moe.routing import expert_capacity
 from test_trainer import run_training
 
 STEPS, TOKENS, TOP_K, EXPERTS = 30, 8 * 32, 2, 8  # TINY: 8 sequences of 32 tokens, 8 experts, top-2
@@ -45,7 +45,7 @@ def test_the_extremes_benchmark_runs_end_to_end_on_tiny_settings():
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "gatepro_dist.bench.cli", "extremes", "--tokens", "256", "--hidden", "32",
+    done = subprocess.run([sys.executable, "-m", "gatepro_dist.experiments.bench.cli", "extremes", "--tokens", "256", "--hidden", "32",
                            "--ffn", "32", "--experts", "8"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line.split() for line in done.stdout.splitlines()[1:]]

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from gatepro_dist.integrations.megatron_router import GateProTopKRouter, gatepro_moe_module_spec, use_gatepro_router
-from gatepro_dist.router import GateProRouter
+from gatepro_dist.moe.router import GateProRouter
 
 D, N = 16, 8
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gatepro_dist.metrics import MetricsWriter, ProgressBar, flatten_scalars, read_metrics
-from gatepro_dist.report import (
+from gatepro_dist.train.metrics import MetricsWriter, ProgressBar, flatten_scalars, read_metrics
+from gatepro_dist.train.report import (
     EXPERT_LOAD_PNG,
     LOSS_PNG,
     SIMILARITY_PNG,
@@ -130,7 +130,7 @@ def test_line_cut_by_a_crash_is_dropped_and_later_records_stay_readable(tmp_path
 
 def test_missing_tensorboard_is_one_info_line_not_an_error(tmp_path, caplog, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now fails
-    with caplog.at_level(logging.INFO, logger="gatepro_dist.metrics"):
+    with caplog.at_level(logging.INFO, logger="gatepro_dist.train.metrics"):
         with MetricsWriter(tmp_path, enabled=True, tensorboard=True) as writer:
             writer.write({"step": 1, "loss": 2.0})
     assert any("tensorboard is not installed" in m for m in caplog.messages)
@@ -301,7 +301,7 @@ def test_report_of_a_single_record_uses_the_last_step_for_the_heatmap(tmp_path):
 
 def test_report_cli_regenerates_the_report(tmp_path):
     write_jsonl(tmp_path, synthetic_records(num_steps=8))
-    done = subprocess.run([sys.executable, "-m", "gatepro_dist.report", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "gatepro_dist.train.report", str(tmp_path)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(tmp_path / "report.md")

@@ -9,8 +9,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distributed import run_on_ranks
-from gatepro_dist.moe import MoELayer, MoESpec, expert_parallel_shard
-from gatepro_dist.routing import gatepro_penalty, select_top_k
+from gatepro_dist.moe.layer import MoELayer, MoESpec, expert_parallel_shard
+from gatepro_dist.moe.routing import gatepro_penalty, select_top_k
 
 TOKENS_PER_RANK, HIDDEN = 24, 16
 CASES = {

@@ -1,6 +1,6 @@
 """A NaN or Inf in a step triggers train.nan_policy (skip the step, or save and stop), and the log
 names the step and the layer where it first appeared. The faults are injected with
-GATEPRO_FAULT (gatepro_dist/faults.py) into the real model; everything else is the real trainer."""
+GATEPRO_FAULT (gatepro_dist/cluster/faults.py) into the real model; everything else is the real trainer."""
 from __future__ import annotations
 
 import json
@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from gatepro_dist import faults
-from gatepro_dist.checkpoint import latest_checkpoint, read_model_tensors
-from gatepro_dist.parallel import single_process_groups
-from gatepro_dist.preemption import EXIT_FAILED, NonFiniteStop
-from gatepro_dist.trainer import train
+from gatepro_dist.cluster import faults
+from gatepro_dist.train.checkpoint import latest_checkpoint, read_model_tensors
+from gatepro_dist.train.parallel import single_process_groups
+from gatepro_dist.cluster.preemption import EXIT_FAILED, NonFiniteStop
+from gatepro_dist.train.trainer import train
 from launch_helpers import losses, steps_done
 from test_launch_faults import finish, start_ranks
 from test_trainer import tiny_config

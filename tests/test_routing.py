@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from gatepro_dist.router import GateProRouter
-from gatepro_dist.routing import (
+from gatepro_dist.moe.router import GateProRouter
+from gatepro_dist.moe.routing import (
     gate_similarity_stats,
     gatepro_delta,
     gatepro_penalty,

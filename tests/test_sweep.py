@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from gatepro_dist.config import ConfigError
-from gatepro_dist.sweep import load_sweep
-from gatepro_dist.sweep_report import BASE_COLUMNS, RESULT_COLUMNS, SEED_STATS, aggregate, summarize_run
+from gatepro_dist.experiments.sweep import load_sweep
+from gatepro_dist.experiments.sweep_report import BASE_COLUMNS, RESULT_COLUMNS, SEED_STATS, aggregate, summarize_run
 from test_trainer import TINY
 
 

@@ -14,16 +14,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import comm
-from ..checkpoint import check_compatible, read_manifest, resolve_resume
+from ..moe import comm
+from ..train.checkpoint import check_compatible, read_manifest, resolve_resume
 from ..config import Config, config_hash
-from ..data import GlobalBatchSampler
-from ..metrics import MetricsWriter, ProgressBar
-from ..model import Transformer
-from ..optim import clip_gradients, global_grad_norm, lr_at
-from ..parallel import ParallelGroups
-from ..preemption import NonFiniteStop, PreemptionWatch
-from ..trainer import TrainResult, _mean_over_world, _StepStats, finish_step, load_data, my_part
+from ..train.data import GlobalBatchSampler
+from ..train.metrics import MetricsWriter, ProgressBar
+from ..train.model import Transformer
+from ..train.optim import clip_gradients, global_grad_norm, lr_at
+from ..train.parallel import ParallelGroups
+from ..cluster.preemption import NonFiniteStop, PreemptionWatch
+from ..train.trainer import TrainResult, _mean_over_world, _StepStats, finish_step, load_data, my_part
 from .deepspeed_config import trainer_clips
 from .deepspeed_engine import (build_engine, ensure_process_group, import_deepspeed, load_deepspeed_checkpoint,
                                save_deepspeed_checkpoint)

@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if extra and args.command != "hf-to-gp":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from ..checkpoint import CheckpointError
+    from ..train.checkpoint import CheckpointError
     from ..config import ConfigError
-    from ..data import DataError
+    from ..train.data import DataError
     from ..hf import HFConversionError
 
     try:
@@ -101,7 +101,7 @@ def _export(args) -> int:
 
 
 def _tokenize(args) -> int:
-    from ..data import load_text_tokenizer, load_tokens
+    from ..train.data import load_text_tokenizer, load_tokens
 
     sources = args.sources[0] if args.sources == ["stdlib"] else args.sources
     stream = load_tokens(sources, max_bytes=args.max_bytes, tokenizer=args.tokenizer)

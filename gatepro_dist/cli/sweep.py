@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError
-from ..sweep import is_complete, load_sweep, train_command
-from ..sweep_report import aggregate
+from ..experiments.sweep import is_complete, load_sweep, train_command
+from ..experiments.sweep_report import aggregate
 
 
 def slurm_array_script(sweep, commands: list[str], extra_sbatch: list[str]) -> str:

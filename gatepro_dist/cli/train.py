@@ -15,14 +15,14 @@ import sys
 
 import torch.distributed as dist
 
-from .. import faults
-from ..checkpoint import CheckpointError, CheckpointSaveError, preflight_resume
+from ..cluster import faults
+from ..train.checkpoint import CheckpointError, CheckpointSaveError, preflight_resume
 from ..config import ConfigError, help_text, load_config
 from ..config_checks import validate
-from ..data import DataError
-from ..preemption import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_LOST_RANK, EXIT_PREEMPTED, NonFiniteStop,
+from ..train.data import DataError
+from ..cluster.preemption import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_LOST_RANK, EXIT_PREEMPTED, NonFiniteStop,
                           Preempted, PreemptionWatch, is_lost_contact, lost_contact_message)
-from ..topology import (TopologyError, complete_world, detect_topology, find_rendezvous, init_distributed,
+from ..cluster.topology import (TopologyError, complete_world, detect_topology, find_rendezvous, init_distributed,
                         rank_map)
 
 USAGE = """usage: gatepro-train [CONFIG.yaml] [key=value ...]
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         faults.check()  # a malformed GATEPRO_FAULT (reliability testing) is bad input too
         topology = complete_world(detect_topology())  # ranks from torchrun, Slurm, MPI or PMIx
         cfg = validate(load_config(config_path, args), topology.world_size)
-        from ..trainer import load_data, train  # torch-heavy imports after the cheap checks
+        from ..train.trainer import load_data, train  # torch-heavy imports after the cheap checks
 
         preflight_resume(cfg.train.run_dir, cfg.train.resume, cfg.to_dict())
         data = load_data(cfg)
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             return fail(f"could not join the job at {topology.master_addr}:{topology.master_port} "
                         f"within parallel.timeout_s={cfg.parallel.timeout_s:g}: {str(err).splitlines()[0]}",
                         EXIT_LOST_RANK)
-        from ..checkpoint import latest_checkpoint
+        from ..train.checkpoint import latest_checkpoint
 
         message = lost_contact_message(err, cfg.parallel.timeout_s, latest_checkpoint(cfg.train.run_dir))
         print(f"gatepro-train: error: {message}", file=sys.stderr, flush=True)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg, topology, device, data, train, preemption) -> int:
-    from ..parallel import build_parallel_groups
+    from ..train.parallel import build_parallel_groups
 
     groups = build_parallel_groups(cfg.parallel.ep, device.type)
     table = rank_map(topology, groups)
@@ -93,7 +93,7 @@ def _run(cfg, topology, device, data, train, preemption) -> int:
               f"device={device.type} run_dir={cfg.train.run_dir}", flush=True)
     result = train(cfg, groups, device, data=data, preemption=preemption)
     if groups.is_main:
-        from ..report import write_report
+        from ..train.report import write_report
 
         report = write_report(result.run_dir)
         if not result.losses:  # resumed a run that had already finished

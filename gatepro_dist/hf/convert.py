@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from ..checkpoint import CHECKPOINTS, MANIFEST, latest_checkpoint, read_manifest, read_model_tensors, save_weights_only
+from ..train.checkpoint import CHECKPOINTS, MANIFEST, latest_checkpoint, read_manifest, read_model_tensors, save_weights_only
 from ..config import Config, apply_overrides, config_from_dict, config_hash, flatten_keys, load_config
 from ..config_checks import validate
 from .families import HFConversionError, check_exportable, family_named, family_of, gatepro_keys_from_hf, \
@@ -148,7 +148,7 @@ def _find_tokenizer(hf_dir: Path, tokenizer: str | None, vocab_size: int) -> str
             f"{path} not found; the model's tokenizer must be a tokenizer.json (pass --tokenizer PATH, "
             "or --tokenizer none to train on bytes)"
         )
-    from ..data import DataError, load_text_tokenizer
+    from ..train.data import DataError, load_text_tokenizer
 
     try:
         size = load_text_tokenizer(path).get_vocab_size(with_added_tokens=True)

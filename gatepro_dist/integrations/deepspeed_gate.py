@@ -32,7 +32,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from ..routing import check_penalty, gatepro_delta, most_similar_expert
+from ..moe.routing import check_penalty, gatepro_delta, most_similar_expert
 
 try:
     from deepspeed.moe import sharded_moe

@@ -65,7 +65,7 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def check_layer(device: torch.device) -> dict:
     from megatron.core.transformer.spec_utils import build_module
 
-    from ..moe import MoELayer, MoESpec
+    from ..moe.layer import MoELayer, MoESpec
     from .megatron_router import gatepro_moe_module_spec
 
     megatron = build_module(gatepro_moe_module_spec(EXPERTS, penalty=PENALTY), config=_megatron_config(1, 0.0))
@@ -106,7 +106,7 @@ def check_gpt_training(device: torch.device, steps: int) -> dict:
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from ..data import build_data
+    from ..train.data import build_data
     from .megatron_router import GateProTopKRouter, use_gatepro_router
 
     seq, batch = 64, 8

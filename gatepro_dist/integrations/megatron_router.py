@@ -31,7 +31,7 @@ import warnings
 
 import torch
 
-from ..routing import check_penalty, gatepro_delta, most_similar_expert
+from ..moe.routing import check_penalty, gatepro_delta, most_similar_expert
 
 try:
     from megatron.core.transformer.moe.moe_layer import MoESubmodules

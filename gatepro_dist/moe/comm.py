@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from . import faults
+from ..cluster import faults
 
 # torch renamed all_gather_into_tensor; use whichever this version has without a warning.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from . import comm
+from ..moe import comm
 from .parallel import ParallelGroups
-from .router import is_expert_parallel
+from ..moe.router import is_expert_parallel
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

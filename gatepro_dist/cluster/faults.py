@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import ConfigError
+from ..config import ConfigError
 
 ENV = "GATEPRO_FAULT"
 KINDS = ("kill", "nan", "inf_grad", "hot_expert")

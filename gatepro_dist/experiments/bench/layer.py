@@ -2,7 +2,7 @@
 
     gatepro-bench layer [--tokens 8192 --hidden 512 --ffn 1024 --experts 8,16,64
                          --top-k 2 --ep 1,2 --repeats 15 --quick] [--compare deepspeed]
-    (the same as python -m gatepro_dist.bench.layer ...)
+    (the same as python -m gatepro_dist.experiments.bench.layer ...)
 
 Every ep runs in its own freshly spawned processes (gloo on 127.0.0.1 when ep > 1), each with
 cores/ep threads and, when there are enough cores, pinned to its own cores. Inside a run all
@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ..moe import MoELayer, MoESpec
+from ...moe.layer import MoELayer, MoESpec
 
 HEADER = (f"{'config':<30}{'wall ms':>10}{'p10-p90':>14}{'tokens/s':>10}{'% floor':>10}"
           f"{'cpu ms':>10}{'% floor':>10}")
@@ -342,11 +342,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     cfg = parse_args(argv, prog)
     rank_main, report_of = _rank_main, report
     if cfg.compare == "deepspeed":
-        from . import vs_deepspeed  # it builds on this module
+        from . import vs_deepspeed
 
         problem = vs_deepspeed.deepspeed_problem()
         if problem:
-            print(f"{prog or 'gatepro_dist.bench.layer'}: error: {problem}", file=sys.stderr)
+            print(f"{prog or 'gatepro_dist.experiments.bench.layer'}: error: {problem}", file=sys.stderr)
             return 2
         rank_main, report_of = vs_deepspeed.rank_main, vs_deepspeed.report
     print(json.dumps({"bench": "layer", **asdict(cfg)}), flush=True)

@@ -1,6 +1,6 @@
 """Communication per MoE layer: bytes predicted by the cost model beside the bytes counted.
 
-    python -m gatepro_dist.bench.comm [--ep 2] [--experts 16] [--hidden 512] [--top-k 2] [--tokens 8192]
+    python -m gatepro_dist.experiments.bench.comm [--ep 2] [--experts 16] [--hidden 512] [--top-k 2] [--tokens 8192]
 
 Runs one forward+backward of the layer on ``ep`` gloo ranks while ``comm.count_traffic`` tallies
 every collective's payload, and prints, per kind, the model's prediction (uniform routing, and
@@ -14,10 +14,10 @@ import sys
 import torch
 import torch.distributed as dist
 
-from .. import comm
-from ..comm_model import LayerComm
-from ..moe import MoELayer, MoESpec
-from ..spawn import run_on_ranks
+from ...moe import comm
+from ...moe.comm_model import LayerComm
+from ...moe.layer import MoELayer, MoESpec
+from ...cluster.spawn import run_on_ranks
 
 
 def _measure(rank: int, world: int, args: dict) -> dict:

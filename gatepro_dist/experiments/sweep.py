@@ -29,8 +29,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, load_config
-from .config_checks import validate
+from ..config import ConfigError, load_config
+from ..config_checks import validate
 
 
 @dataclass(frozen=True)

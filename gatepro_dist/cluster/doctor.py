@@ -1,6 +1,6 @@
 """`gatepro-doctor`: a preflight check of the current allocation, launched exactly like training.
 
-    torchrun --nproc-per-node 2 -m gatepro_dist.doctor --ep 2
+    torchrun --nproc-per-node 2 -m gatepro_dist.cluster.doctor --ep 2
     launch/torchrun.sh doctor    |    NP=2 launch/mpirun.sh doctor    |    srun gatepro-doctor
 
 It joins the job the way gatepro-train does (same topology detection, same groups), then reports:
@@ -22,7 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .parallel import build_parallel_groups
+from ..train.parallel import build_parallel_groups
 from .topology import TopologyError, init_distributed, learn_topology
 
 ENV_PATTERN = re.compile(r"^(NCCL_|GLOO_|TORCH_NCCL_|TORCH_DISTRIBUTED|MASTER_ADDR$|MASTER_PORT$|WORLD_SIZE$"

@@ -19,9 +19,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from .. import faults
-from ..moe import MoELayer, MoESpec
-from ..spawn import run_on_ranks
+from ...cluster import faults
+from ...moe.layer import MoELayer, MoESpec
+from ...cluster.spawn import run_on_ranks
 
 ROUNDS = 3
 

@@ -6,7 +6,7 @@
     gatepro-bench extremes [...]                      memory with every token on one expert (bench/extremes.py)
 
 Everything after the subcommand goes to that benchmark's own options (``gatepro-bench layer
---help``); ``python -m gatepro_dist.bench.<subcommand>`` runs the same code.
+--help``); ``python -m gatepro_dist.experiments.bench.<subcommand>`` runs the same code.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("options", nargs=argparse.REMAINDER, help="its options (gatepro-bench COMMAND --help)")
     args = parser.parse_args(argv)
     # Import only the chosen benchmark: each pulls in torch, the layer comparison also DeepSpeed.
-    module = importlib.import_module(f"gatepro_dist.bench.{args.command}")
+    module = importlib.import_module(f"gatepro_dist.experiments.bench.{args.command}")
     return module.main(args.options, prog=f"gatepro-bench {args.command}")
 
 

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import faults
-from .config import Config
-from .experts import SwiGLU
-from .moe import MoELayer, MoESpec, MoEStats
+from ..cluster import faults
+from ..config import Config
+from ..moe.experts import SwiGLU
+from ..moe.layer import MoELayer, MoESpec, MoEStats
 
 
 class RMSNorm(nn.Module):

@@ -1,6 +1,6 @@
 """Turn a run's ``metrics.jsonl`` into PNG plots and a ``report.md`` that embeds them.
 
-    python -m gatepro_dist.report RUN_DIR
+    python -m gatepro_dist.train.report RUN_DIR
 
 Plots (written into RUN_DIR, linked from report.md by relative path):
 
@@ -30,7 +30,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from gatepro_dist.metrics import METRICS_FILE, read_metrics
+from gatepro_dist.train.metrics import METRICS_FILE, read_metrics
 
 REPORT_FILE = "report.md"
 CONFIG_FILE = "config.yaml"
@@ -357,7 +357,7 @@ def write_report(run_dir: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m gatepro_dist.report",
+        prog="python -m gatepro_dist.train.report",
         description="Regenerate report.md and its plots from RUN_DIR/metrics.jsonl.",
     )
     parser.add_argument("run_dir", type=Path)

@@ -8,7 +8,7 @@ Rows, for every ep (default 1 and 2), N=16 experts, SwiGLU of width ffn, top-2, 
 - ``ours plain top-k``: our ``MoELayer`` with GatePro off -- the like-for-like row;
 - ``ours GatePro``: the same layer with GatePro on -- an extra row, the price of GatePro;
 - ``DeepSpeed top-k``: ``deepspeed.moe.layer.MoE`` with its plain ``TopKGate``; its expert module
-  is ``gatepro_dist.experts.SwiGLU`` (bias-free gate, up and down projections: the FLOPs of ours).
+  is ``gatepro_dist.moe.experts.SwiGLU`` (bias-free gate, up and down projections: the FLOPs of ours).
 
 Both layers hold the same weights (DeepSpeed's gate and experts are copied from ours) and see the
 same tokens and upstream gradient; before timing, the run checks that their outputs agree.
@@ -54,8 +54,8 @@ import statistics
 import torch
 import torch.distributed as dist
 
-from ..experts import SwiGLU
-from ..moe import MoELayer, MoESpec
+from ...moe.experts import SwiGLU
+from ...moe.layer import MoELayer, MoESpec
 from .layer import (COLUMNS_LINE, HEADER as LAYER_HEADER, BenchConfig, Variant, dense_gemm_step, floor_lines,
                     floor_name, format_row, join_ep, layer_step, paired_ratio, rotated, run_line, slowest_rank,
                     time_in_rounds)

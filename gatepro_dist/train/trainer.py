@@ -15,18 +15,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import comm, faults
+from ..moe import comm
+from ..cluster import faults
 from .checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, read_manifest, resolve_resume,
                          save_checkpoint)
-from .config import Config, config_hash
+from ..config import Config, config_hash
 from .data import GlobalBatchSampler, build_data
 from .metrics import MetricsWriter, ProgressBar
 from .model import Transformer
-from .moe import MoELayer, MoEStats
+from ..moe.layer import MoELayer, MoEStats
 from .optim import clip_gradients, global_grad_norm, lr_at, param_groups, reduce_gradients
 from .parallel import ParallelGroups
-from .preemption import NonFiniteStop, Preempted, PreemptionWatch
-from .routing import gate_similarity_stats
+from ..cluster.preemption import NonFiniteStop, Preempted, PreemptionWatch
+from ..moe.routing import gate_similarity_stats
 
 
 @dataclass
@@ -171,7 +172,7 @@ def load_data(cfg: Config):
 def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=None, log=print,
           preemption: PreemptionWatch | None = None) -> TrainResult:
     if cfg.train.backend == "deepspeed":
-        from .backends.deepspeed_trainer import train as train_on_deepspeed
+        from ..backends.deepspeed_trainer import train as train_on_deepspeed
 
         return train_on_deepspeed(cfg, groups, device, data, log, preemption)
     t = cfg.train

@@ -1,7 +1,7 @@
 """Training throughput of the quickstart model: 1 vs 2 processes, MoE vs a dense model of equal
 active parameters (its FFN is top_k x expert_ffn_dim wide), measured side by side in one run.
 
-    python -m gatepro_dist.bench.throughput [--steps 40] [--config configs/quickstart.yaml]
+    python -m gatepro_dist.experiments.bench.throughput [--steps 40] [--config configs/quickstart.yaml]
 
 Each variant is a real `gatepro-train` run (torchrun for 2 processes); tokens/s is the median
 over the steps after a warm-up. Prints a table and the ratios.
@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..config import load_config
+from ...config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -34,10 +34,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 
-from . import faults
-from .config import Config, flatten_keys
+from ..cluster import faults
+from ..config import Config, flatten_keys
 from .parallel import ParallelGroups, single_process_groups
-from .router import is_expert_parallel
+from ..moe.router import is_expert_parallel
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"

@@ -36,7 +36,7 @@ import math
 import statistics
 from pathlib import Path
 
-from .metrics import read_metrics
+from ..train.metrics import read_metrics
 from .sweep import Sweep
 
 SEED_AXIS = "train.seed"

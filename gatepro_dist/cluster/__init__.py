@@ -1,0 +1,1 @@
+"""Where a job runs: launcher environment, rendezvous, preemption, health checks, fault injection."""

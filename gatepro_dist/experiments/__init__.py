@@ -1,0 +1,1 @@
+"""What users study with the engine: sweeps of runs, their reports, and benchmarks."""
