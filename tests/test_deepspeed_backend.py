@@ -100,7 +100,7 @@ def test_native_checkpoint_is_refused_with_a_clear_message(tmp_path):
 def _trajectories(rank, world, root):
     """Native 5 steps; then per ZeRO stage: 5 DeepSpeed steps (checkpoint at 3), and a resume from 3."""
     from gatepro_dist.train.parallel import build_parallel_groups
-    from gatepro_dist.train.trainer import train
+    from gatepro_dist.train.engine import train
 
     def run(name, *overrides):
         cfg = tiny_config(f"{root}/{name}", *STEPS, *overrides, world_size=world)
@@ -170,7 +170,7 @@ def _gradients(rank, world, run_dir, stages):
     from gatepro_dist.train.optim import reduce_gradients
     from gatepro_dist.train.parallel import build_parallel_groups
     from gatepro_dist.moe.router import is_expert_parallel
-    from gatepro_dist.train.trainer import load_data, my_part
+    from gatepro_dist.train.step import load_data, my_part
 
     cfg = tiny_config(run_dir, "parallel.ep=2", "train.backend=deepspeed", world_size=world)
     groups = build_parallel_groups(2)

@@ -26,7 +26,7 @@ from gatepro_dist.hf import export_hf, import_hf  # noqa: E402
 from gatepro_dist.hf.tiny import save_tiny_model, tiny_text  # noqa: E402
 from gatepro_dist.train.model import Transformer  # noqa: E402
 from gatepro_dist.train.parallel import single_process_groups  # noqa: E402
-from gatepro_dist.train.trainer import load_data  # noqa: E402
+from gatepro_dist.train.step import load_data  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RUN = ["data.seq_len=16", "train.global_batch_size=4", "train.steps=3", "train.save_every=3",

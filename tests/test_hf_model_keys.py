@@ -13,7 +13,7 @@ from gatepro_dist.train.data import DataError, load_tokens
 from gatepro_dist.moe.experts import SwiGLU
 from gatepro_dist.train.model import Attention, Transformer, rope_tables
 from gatepro_dist.moe import MoELayer
-from gatepro_dist.train.trainer import load_data
+from gatepro_dist.train.step import load_data
 
 SMALL = ["model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2", "moe.num_experts=4",
          "moe.expert_ffn_dim=16", "model.dense_ffn_dim=24"]

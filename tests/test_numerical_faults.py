@@ -13,7 +13,7 @@ from gatepro_dist.cluster import faults
 from gatepro_dist.train.checkpoint import latest_checkpoint, read_model_tensors
 from gatepro_dist.train.parallel import single_process_groups
 from gatepro_dist.cluster.preemption import EXIT_FAILED, NonFiniteStop
-from gatepro_dist.train.trainer import train
+from gatepro_dist.train.engine import train
 from launch_helpers import losses, steps_done
 from test_launch_faults import finish, start_ranks
 from test_trainer import tiny_config

@@ -8,7 +8,8 @@ from pathlib import Path
 from gatepro_dist.config import load_config
 from gatepro_dist.config_checks import validate
 from gatepro_dist.train.parallel import single_process_groups
-from gatepro_dist.train.trainer import load_data, train
+from gatepro_dist.train.engine import train
+from gatepro_dist.train.step import load_data
 
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"

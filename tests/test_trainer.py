@@ -17,7 +17,7 @@ from gatepro_dist.train.checkpoint import latest_checkpoint
 from gatepro_dist.config import load_config
 from gatepro_dist.config_checks import validate
 from gatepro_dist.train.parallel import build_parallel_groups, single_process_groups
-from gatepro_dist.train.trainer import train
+from gatepro_dist.train.engine import train
 
 TINY = [
     "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1",

@@ -1,6 +1,6 @@
 """``train.backend=deepspeed``: the native training loop's data, model and metrics on a DeepSpeed engine.
 
-Same sampler, same model, same loss, same LR schedule, same metrics records as ``trainer.train``;
+Same sampler, same model, same loss, same LR schedule, same metrics records as the native ``trainer.train``;
 what changes is who reduces gradients (DeepSpeed, over our groups, see ``deepspeed_engine``), who
 holds optimizer state (ZeRO 1/2 partition it), and the checkpoint format (DeepSpeed's). In fp32
 the loss trajectory equals the native backend's (tests/test_deepspeed_backend.py).
@@ -23,7 +23,7 @@ from ..train.model import Transformer
 from ..train.optim import clip_gradients, global_grad_norm, lr_at
 from ..train.parallel import ParallelGroups
 from ..cluster.preemption import NonFiniteStop, PreemptionWatch
-from ..train.trainer import TrainResult, _mean_over_world, _StepStats, finish_step, load_data, my_part
+from ..train.step import StepStats, TrainResult, finish_step, load_data, mean_over_world, my_part
 from .deepspeed_config import trainer_clips
 from .deepspeed_engine import (build_engine, ensure_process_group, import_deepspeed, load_deepspeed_checkpoint,
                                save_deepspeed_checkpoint)
@@ -84,7 +84,7 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
 
-        step_stats, ce_sum, grad_norm = _StepStats(), 0.0, None
+        step_stats, ce_sum, grad_norm = StepStats(), 0.0, None
         parts = my_part(sampler.global_batch(step), t.grad_accum, groups)
         for micro, part in enumerate(parts):
             inputs, targets = data.train.batch(part)
@@ -109,7 +109,7 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
             grad_norm = torch.tensor(float(engine.get_global_grad_norm() or 0.0))
         for layer, acc in zip(model.moe_layers, step_stats.layers or []):
             layer.router.update_bias(acc["counts"])
-        step_loss = _mean_over_world([ce_sum / t.grad_accum], groups)[0]
+        step_loss = mean_over_world([ce_sum / t.grad_accum], groups)[0]
         elapsed = time.perf_counter() - began
         losses.append(step_loss)
 

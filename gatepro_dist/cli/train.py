@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         faults.check()  # a malformed GATEPRO_FAULT (reliability testing) is bad input too
         topology = complete_world(detect_topology())  # ranks from torchrun, Slurm, MPI or PMIx
         cfg = validate(load_config(config_path, args), topology.world_size)
-        from ..train.trainer import load_data, train  # torch-heavy imports after the cheap checks
+        from ..train.engine import train  # torch-heavy imports after the cheap checks
+        from ..train.step import load_data
 
         preflight_resume(cfg.train.run_dir, cfg.train.resume, cfg.to_dict())
         data = load_data(cfg)

@@ -1,100 +1,31 @@
-"""The training loop: data -> model -> loss -> gradients reduced over the right groups -> AdamW.
+"""The native engine's training loop: data -> model -> loss -> gradients reduced over the right groups -> AdamW.
 
 Every rank reads its own slice of each global micro-batch; the slices of all ranks together are
 the same sequences whatever the layout, so dp x ep layouts follow the same loss trajectory.
+``engine.train`` chooses between this loop and the DeepSpeed backend's.
 """
 from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..moe import comm
 from ..cluster import faults
+from ..cluster.preemption import NonFiniteStop, PreemptionWatch
+from ..config import Config, config_hash
+from ..moe import comm
+from ..moe.layer import MoELayer
 from .checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, read_manifest, resolve_resume,
                          save_checkpoint)
-from ..config import Config, config_hash
-from .data import GlobalBatchSampler, build_data
+from .data import GlobalBatchSampler
 from .metrics import MetricsWriter, ProgressBar
 from .model import Transformer
-from ..moe.layer import MoELayer, MoEStats
 from .optim import clip_gradients, global_grad_norm, lr_at, param_groups, reduce_gradients
 from .parallel import ParallelGroups
-from ..cluster.preemption import NonFiniteStop, Preempted, PreemptionWatch
-from ..moe.routing import gate_similarity_stats
-
-
-@dataclass
-class TrainResult:
-    steps_done: int
-    losses: list[float]  # global mean training loss of each step run in this call
-    val_loss: float | None
-    run_dir: Path
-
-
-def my_part(global_indices: np.ndarray, grad_accum: int, groups: ParallelGroups) -> list[np.ndarray]:
-    """This rank's share of each global micro-batch (micro-batch first, then rank)."""
-    micro = np.split(global_indices, grad_accum)
-    return [np.split(m, groups.world_size)[groups.rank] for m in micro]
-
-
-def _autocast(cfg: Config, device: torch.device):
-    if cfg.train.dtype == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def _mean_over_world(values: list[float], groups: ParallelGroups) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=comm.device_for(groups.world_group))
-    comm.all_reduce_sum(t, groups.world_group)
-    return (t / groups.world_size).tolist()
-
-
-class _StepStats:
-    """Per-layer MoE statistics summed over the micro-batches of one optimizer step."""
-
-    def __init__(self):
-        self.layers: list[dict] | None = None
-
-    def add(self, stats: list[MoEStats]) -> None:
-        if self.layers is None:
-            self.layers = [dict(counts=torch.zeros_like(s.tokens_per_expert), aux=0.0, z=0.0, dropped=0,
-                                penalised=0, changed=0, n=0, assignments=0, rows_max=0) for s in stats]
-        for acc, s in zip(self.layers, stats):
-            acc["counts"] += s.tokens_per_expert
-            acc["aux"] += float(s.aux_loss.detach())
-            acc["z"] += float(s.z_loss.detach())
-            acc["dropped"] += s.dropped_tokens
-            acc["penalised"] += s.gatepro_penalised
-            acc["changed"] += s.gatepro_topk_changed
-            acc["assignments"] += int(s.tokens_per_expert.sum())
-            acc["rows_max"] = max(acc["rows_max"], s.expert_rows_max)
-            acc["n"] += 1
-
-    def records(self, groups: ParallelGroups) -> list[dict]:
-        layers = self.layers or []
-        losses = _mean_over_world([v for acc in layers for v in (acc["aux"] / acc["n"], acc["z"] / acc["n"])], groups)
-        rows_max = comm.all_reduce_max(torch.tensor([acc["rows_max"] for acc in layers], dtype=torch.long,
-                                                    device=comm.device_for(groups.world_group)),
-                                       groups.world_group).tolist()
-        out = []
-        for i, acc in enumerate(layers):
-            counts = acc["counts"].cpu()
-            out.append({
-                "layer": i, "zero_token_experts": int((counts == 0).sum()),
-                "max_load": int(counts.max()), "mean_load": float(counts.float().mean()),
-                "aux_loss": losses[2 * i], "z_loss": losses[2 * i + 1],
-                "dropped_tokens": acc["dropped"], "drop_rate": acc["dropped"] / max(acc["assignments"], 1),
-                "expert_rows_max": rows_max[i], "gatepro_penalised": acc["penalised"],
-                "gatepro_topk_changed": acc["changed"], "tokens_per_expert": counts.tolist(),
-            })
-        return out
+from .step import StepStats, TrainResult, autocast, finish_step, load_data, mean_over_world, my_part
 
 
 def locate_non_finite(model: Transformer, finite_L: torch.Tensor, groups: ParallelGroups) -> dict:
@@ -118,63 +49,8 @@ def locate_non_finite(model: Transformer, finite_L: torch.Tensor, groups: Parall
     return {"what": "loss", "layer": None, "where": "the loss (activations and gradients were finite)"}
 
 
-def finish_step(record: dict, cfg: Config, groups: ParallelGroups, device, model: Transformer, data,
-                metrics: MetricsWriter, progress: ProgressBar, preemption: PreemptionWatch | None, save,
-                run_dir: Path, val_loss: float | None, eval_model=None) -> float | None:
-    """Everything after a step's update, for both engines: router similarity and evaluation when
-    due, the metrics line, the agreed preemption check and the checkpoint. Returns the latest
-    validation loss; raises Preempted after saving when the ranks agreed to stop. ``eval_model``
-    (default ``model``) is what evaluation calls, e.g. the module a DeepSpeed engine wraps."""
-    t, done = cfg.train, record["step"]
-    if done % t.stats_every == 0 or done == t.steps:
-        with torch.no_grad():
-            for entry, layer in zip(record["moe"], model.moe_layers):
-                entry["similarity"] = gate_similarity_stats(layer.router.gathered_weight())
-    if done % t.eval_every == 0 or done == t.steps:
-        evaluated = model if eval_model is None else eval_model
-        val_loss = record["val_loss"] = evaluate(evaluated, data.val, cfg, groups, device)
-    metrics.write(record)
-    progress.update(done, loss=record["loss"], tokens_per_s=record["tokens_per_s"])
-    # Every rank agrees on the step to stop at (a MAX all-reduce of the signal flag).
-    stop = preemption.agreed(groups.world_group, device) if preemption is not None and done < t.steps else 0
-    if stop or done % t.save_every == 0 or done == t.steps:
-        save(done)
-    if stop:
-        progress.close()
-        metrics.close()
-        raise Preempted(done, stop, latest_checkpoint(run_dir))
-    return val_loss
-
-
-def evaluate(model, val, cfg: Config, groups: ParallelGroups, device) -> float:
-    """Mean next-token loss over the first ``eval_batches`` global batches of the validation set."""
-    per_rank = max(1, cfg.train.global_batch_size // groups.world_size)
-    total_blocks = len(val)
-    model.eval()
-    losses = []
-    with torch.no_grad(), _autocast(cfg, device):
-        for b in range(cfg.train.eval_batches):
-            start = (b * per_rank * groups.world_size + groups.rank * per_rank) % total_blocks
-            idx = (np.arange(per_rank) + start) % total_blocks
-            inputs, targets = val.batch(idx)
-            logits, _ = model(inputs.to(device))
-            losses.append(float(F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten())))
-    model.train()
-    return _mean_over_world([sum(losses) / len(losses)], groups)[0]
-
-
-def load_data(cfg: Config):
-    """Train/validation views of the configured corpus (raises DataError on bad data)."""
-    return build_data(cfg.data.source, cfg.data.seq_len, cfg.data.val_fraction, vocab_size=cfg.model.vocab_size,
-                      bin_dtype=cfg.data.bin_dtype, max_bytes=cfg.data.max_bytes, tokenizer=cfg.data.tokenizer)
-
-
 def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=None, log=print,
           preemption: PreemptionWatch | None = None) -> TrainResult:
-    if cfg.train.backend == "deepspeed":
-        from ..backends.deepspeed_trainer import train as train_on_deepspeed
-
-        return train_on_deepspeed(cfg, groups, device, data, log, preemption)
     t = cfg.train
     run_dir = Path(t.run_dir)
     if t.deterministic:
@@ -225,10 +101,10 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        step_stats, ce_sum, finite_L = _StepStats(), 0.0, True
+        step_stats, ce_sum, finite_L = StepStats(), 0.0, True
         for part in my_part(sampler.global_batch(step), t.grad_accum, groups):
             inputs, targets = data.train.batch(part)
-            with _autocast(cfg, device):
+            with autocast(cfg, device):
                 logits, stats = model(inputs.to(device))
             ce = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten())
             loss = ce + sum((s.loss for s in stats), torch.zeros((), device=device))
@@ -241,7 +117,7 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
 
         reduce_gradients(model, groups)
         grad_norm = global_grad_norm(model, groups)
-        step_loss = _mean_over_world([ce_sum / t.grad_accum], groups)[0]
+        step_loss = mean_over_world([ce_sum / t.grad_accum], groups)[0]
         finite = math.isfinite(step_loss) and bool(torch.isfinite(grad_norm))
         where = None if finite else locate_non_finite(model, finite_L, groups)
         if finite:
