@@ -56,9 +56,9 @@ import torch.distributed as dist
 
 from ...moe.experts import SwiGLU
 from ...moe.layer import MoELayer, MoESpec
-from .layer import (COLUMNS_LINE, HEADER as LAYER_HEADER, BenchConfig, Variant, dense_gemm_step, floor_lines,
-                    floor_name, format_row, join_ep, layer_step, paired_ratio, rotated, run_line, slowest_rank,
-                    time_in_rounds)
+from .rounds import (COLUMNS_LINE, HEADER as LAYER_HEADER, BenchConfig, Variant, dense_gemm_step, floor_lines,
+                     floor_name, format_row, join_ep, layer_step, paired_ratio, rotated, run_line, slowest_rank,
+                     time_in_rounds)
 
 OURS_PLAIN, OURS_GATEPRO, DEEPSPEED = "ours plain top-k", "ours GatePro", "DeepSpeed top-k"
 ROWS = (OURS_PLAIN, OURS_GATEPRO, DEEPSPEED)
