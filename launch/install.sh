@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 GATEPRO_SYSTEM_PACKAGES="${GATEPRO_SYSTEM_PACKAGES:-}"
 # GATEPRO_WITH: optional integrations, space- or comma-separated: deepspeed megatron hf.
-# The quickstart needs none of them; tests/run.sh asks for all.
+# The quickstart needs none of them; tests/run.sh asks for all. Unset means none (set -u).
+GATEPRO_WITH="${GATEPRO_WITH:-}"
 GATEPRO_WITH=" ${GATEPRO_WITH//,/ } "
 wants() { [[ "$GATEPRO_WITH" == *" $1 "* ]]; }
 PIP="${PYTHON:-python3} -m pip"
