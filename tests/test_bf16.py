@@ -5,6 +5,8 @@ guard in test_routing.py; the refused shapes in test_bad_inputs.py.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -17,6 +19,8 @@ from test_trainer import run_training
 
 FP32_NOISE = 1e-5  # rel. loss difference of fp32 runs that only reorder sums is < 1e-7 (test_deepspeed_backend)
 BF16_ROUNDING = 2.0 ** -9  # bf16's unit roundoff (8 significant bits)
+# The layer tests run on this device: `gatepro-bench gpu` sets cuda, where grouped_mm's fast path is real.
+DEVICE = torch.device(os.environ.get("GATEPRO_TEST_DEVICE", "cpu"))
 
 
 class GroupedMMCalls(TorchDispatchMode):
@@ -35,10 +39,10 @@ class GroupedMMCalls(TorchDispatchMode):
 
 
 def _layer_step_calls(autocast_dtype: torch.dtype | None) -> list:
-    layer = MoELayer(MoESpec(hidden_size=32, num_experts=4, top_k=2, expert_ffn_dim=24))
-    x_TD = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    layer = MoELayer(MoESpec(hidden_size=32, num_experts=4, top_k=2, expert_ffn_dim=24)).to(DEVICE)
+    x_TD = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)).to(DEVICE).requires_grad_()
     with GroupedMMCalls() as recorder:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_dtype is not None):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast_dtype is not None):
             out_TD, stats = layer(x_TD)
         assert out_TD.dtype == torch.float32  # the residual stream stays fp32
         (out_TD.square().mean() + stats.loss).backward()
