@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gatepro_dist.experiments.bench.device_timing import summary, time_steps_ms
-from gatepro_dist.experiments.bench.gpu import parse_args
+from gatepro_dist.experiments.bench.gpu import bf16_layer_check, parse_args, time_layers, train_quickstart
 from gatepro_dist.experiments.bench.gpu_report import (dense_shapes, expert_gemm_flops, passed, timing_row,
                                                        write_report)
 
@@ -97,3 +97,30 @@ def test_gatepro_bench_lists_the_gpu_subcommand():
     done = subprocess.run([sys.executable, "-m", "gatepro_dist.experiments.bench.cli", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "gpu" in done.stdout and "GPU acceptance" in done.stdout
+
+
+# The sections themselves are written for CUDA but take the device: on the CPU, at tiny sizes, they run end to end.
+
+def test_layer_check_section_on_the_cpu_sees_bf16_grouped_gemms_within_bf16_rounding_of_fp32():
+    result = bf16_layer_check(torch.device("cpu"), tokens=256)
+    assert result["grouped_mm_calls"] == 6 and result["bf16_operands"] and result["passed"], result
+    assert 1e-4 < max(result["relative_errors"].values()) < 2e-2  # bf16, not fp32; within bf16 rounding
+
+
+def test_layer_timing_section_on_the_cpu_times_ours_beside_the_dense_matmul():
+    args = parse_args(["--tokens", "256", "--hidden", "32", "--ffn", "64", "--experts", "8", "--repeats", "2"])
+    result = time_layers(args, torch.device("cpu"), megatron=False)
+    names = [row["name"] for row in result["rows"]]
+    assert names == ["dense bf16 matmul, same FLOPs", "ours, grouped GEMM (bf16 autocast)"]
+    assert result["gflop"] == expert_gemm_flops(256, 2, 32, 64) / 1e9
+    assert all(row["tflops"] > 0 and row["p10_ms"] <= row["median_ms"] <= row["p90_ms"] for row in result["rows"])
+
+
+def test_train_section_on_the_cpu_trains_in_bf16_until_the_loss_falls(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model: {d_model: 32, n_layers: 2, n_heads: 2, n_kv_heads: 1, max_seq_len: 64}\n"
+                      "moe: {num_experts: 8, expert_ffn_dim: 32}\ndata: {seq_len: 32, max_bytes: 300000}\n"
+                      "train: {global_batch_size: 8, lr: 3.0e-3, warmup_steps: 2}\n")
+    result = train_quickstart(str(config), 6, torch.device("cpu"), tmp_path / "out")
+    assert result["steps"] == 6 and result["last_loss"] < result["first_loss"] and result["passed"]
+    assert (tmp_path / "out" / "train" / "config.yaml").read_text().count("dtype: bf16") == 1

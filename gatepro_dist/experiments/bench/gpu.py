@@ -8,7 +8,7 @@ offline install that docs/benchmarks.md lists. Sections, each reported even when
 
 1. ``tests``: pytest on the device-aware tests (``GATEPRO_TEST_DEVICE=cuda``): the expert GEMMs' bf16
    operands, the router's fp32 guard, the training numerics (tests/test_bf16.py and the others in ``TESTS``).
-2. ``cuda_checks``: on the GPU, our MoE layer's bf16 grouped-GEMM path against the fp32 per-expert loop:
+2. ``layer_check``: on the GPU, our MoE layer's bf16 grouped-GEMM path against the fp32 per-expert loop:
    output and input gradient within bf16 rounding; the experts' grouped_mm sees bf16 operands.
 3. ``train``: the quickstart model (ep=1) trains ``--steps`` steps in bf16 on an NCCL process group of one
    rank; the loss must fall.
@@ -87,21 +87,21 @@ def run_tests(timeout_s: int = 180) -> dict:
             "output_tail": "\n".join(lines[-30:]) if done.returncode else "", "passed": done.returncode == 0}
 
 
-def cuda_checks(device: torch.device) -> dict:
-    """Our layer on the GPU: bf16 grouped GEMM against the fp32 per-expert loop with the same weights."""
+def bf16_layer_check(device: torch.device, tokens: int = 2048) -> dict:
+    """Our layer on ``device``: bf16 grouped GEMM against the fp32 per-expert loop with the same weights."""
     from ...moe.layer import MoELayer, MoESpec
 
     torch.manual_seed(0)
     layer = MoELayer(MoESpec(hidden_size=256, num_experts=8, top_k=2, expert_ffn_dim=512)).to(device)
-    x_TD = torch.randn(2048, 256, device=device)
-    grad_TD = torch.randn(2048, 256, device=device)
+    x_TD = torch.randn(tokens, 256, device=device)
+    grad_TD = torch.randn(tokens, 256, device=device)
     seen = []
     grouped_mm = torch.ops.aten._grouped_mm.default
 
     def run(bf16: bool, grouped: bool):
         layer.experts.grouped_gemm = grouped
         x = x_TD.clone().requires_grad_()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out, _ = layer(x)
         out.backward(grad_TD)
         return out.detach().float(), x.grad
@@ -148,7 +148,9 @@ def train_quickstart(config: str, steps: int, device: torch.device, out_dir: Pat
     result = train(cfg, groups, device, log=lambda *_: None)
     seconds = time.perf_counter() - began
     losses = result.losses
-    return {"backend": torch.distributed.get_backend(), "world_size": torch.distributed.get_world_size(),
+    joined = torch.distributed.is_initialized()
+    return {"backend": torch.distributed.get_backend() if joined else None,
+            "world_size": torch.distributed.get_world_size() if joined else 1,
             "steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1], "val_loss": result.val_loss,
             "seconds": round(seconds, 1), "passed": len(losses) == steps and losses[-1] < losses[0]}
 
@@ -167,7 +169,7 @@ def time_layers(args: argparse.Namespace, device: torch.device, megatron: bool) 
     def ours_step():
         ours.zero_grad(set_to_none=True)
         x_ours.grad = None
-        with torch.autocast("cuda", dtype=torch.bfloat16):  # as train.dtype=bf16: fp32 params, bf16 compute
+        with torch.autocast(device.type, dtype=torch.bfloat16):  # as train.dtype=bf16: fp32 params, bf16 compute
             out, stats = ours(x_ours)
         torch.autograd.backward([out, stats.loss], [grad_TD, torch.ones_like(stats.loss)])
 
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                "args": vars(args)}
     if "tests" not in args.skip:
         _section(results, "tests", run_tests)
-    _section(results, "cuda_checks", lambda: cuda_checks(device))
+    _section(results, "layer_check", lambda: bf16_layer_check(device))
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)  # NCCL, world of one
     if "train" not in args.skip:
         _section(results, "train", lambda: train_quickstart(args.config, args.steps, device, out_dir))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .rounds import BenchConfig
 
-SECTIONS = ("tests", "cuda_checks", "train", "layer", "megatron_check")
+SECTIONS = ("tests", "layer_check", "train", "layer", "megatron_check")
 
 
 def expert_gemm_flops(tokens: int, top_k: int, hidden: int, ffn: int) -> int:
