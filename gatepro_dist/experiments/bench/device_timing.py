@@ -28,7 +28,7 @@ class _HostClock:
     def record(self) -> None:
         self.at = time.perf_counter()
 
-    def elapsed_time(self, end: "_HostClock") -> float:
+    def elapsed_time(self, end: _HostClock) -> float:
         return (end.at - self.at) * 1e3
 
 
