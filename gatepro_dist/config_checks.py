@@ -100,6 +100,26 @@ def _check_shapes(cfg: Config) -> None:
                         f"list layer indices in [0, {m.n_layers - 1}]")
     if isinstance(cfg.data.source, list) and not cfg.data.source:
         raise _fail("data.source", [], "is an empty list", "name at least one path or use 'stdlib'")
+    if cfg.train.dtype == "bf16" and moe.grouped_gemm:
+        _check_grouped_gemm_alignment(m.d_model, moe.expert_ffn_dim)
+
+
+def _nearest_multiple(value: int, of: int) -> int:
+    """The multiple of ``of`` closest to ``value`` (the larger one on a tie), at least ``of``."""
+    return max(of, (value + of // 2) // of * of)
+
+
+def _check_grouped_gemm_alignment(d_model: int, expert_ffn_dim: int) -> None:
+    """bf16 grouped GEMM (sm90/sm100) needs every row of its operands 16-byte aligned: 8 bf16 values.
+
+    Shapes it cannot take run anyway, on a slower path or not at all, depending on the torch version;
+    refuse them here, where a CPU run would not notice.
+    """
+    for key, value in (("model.d_model", d_model), ("moe.expert_ffn_dim", expert_ffn_dim)):
+        if value % 8:
+            raise _fail(key, value, "is not a multiple of 8, which the bf16 grouped GEMM needs (16-byte rows)",
+                        f"set {key}={_nearest_multiple(value, 8)} (the nearest multiple of 8), "
+                        "or moe.grouped_gemm=false, or train.dtype=fp32")
 
 
 def _check_schedule(gatepro: GateProConfig, num_experts: int) -> None:

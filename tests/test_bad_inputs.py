@@ -59,6 +59,12 @@ TABLE = [
      "data.val_fraction=0.9 is outside (0.0, 0.5]; choose data.val_fraction in (0.0, 0.5]"),
     ("kv heads", ["model.n_kv_heads=3"], {},
      "model.n_kv_heads=3 does not divide model.n_heads=2; choose model.n_kv_heads that divides model.n_heads"),
+    ("bf16 grouped GEMM: d_model not 16-byte rows", ["train.dtype=bf16", "model.d_model=36"], {},
+     "model.d_model=36 is not a multiple of 8, which the bf16 grouped GEMM needs (16-byte rows); set "
+     "model.d_model=40 (the nearest multiple of 8), or moe.grouped_gemm=false, or train.dtype=fp32"),
+    ("bf16 grouped GEMM: expert width not 16-byte rows", ["train.dtype=bf16", "moe.expert_ffn_dim=27"], {},
+     "moe.expert_ffn_dim=27 is not a multiple of 8, which the bf16 grouped GEMM needs (16-byte rows); set "
+     "moe.expert_ffn_dim=24 (the nearest multiple of 8), or moe.grouped_gemm=false, or train.dtype=fp32"),
     ("sequence longer than RoPE", ["data.seq_len=128"], {},
      "data.seq_len=128 exceeds model.max_seq_len=64; lower data.seq_len or raise model.max_seq_len"),
     ("GatePro schedule out of order", ["router.gatepro.schedule=[[5, true], [3, false]]"], {},

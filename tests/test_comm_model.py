@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from gatepro_dist.experiments.bench.comm import measure
-from gatepro_dist.moe.comm_model import LayerComm
+from gatepro_dist.moe.comm_model import BF16, LayerComm
 
 
 @pytest.mark.parametrize("ep", [2, 4])
@@ -29,3 +29,17 @@ def test_comm_bench_command_prints_the_table():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "predicted_equals_counted=True" in proc.stdout
+
+
+def test_bf16_tokens_cross_ranks_in_half_the_bytes_of_fp32():
+    """Under train.dtype=bf16 the all-to-all carries bf16 rows; routing (fp32) and everything else are unchanged."""
+    fp32 = measure(2, experts=8, hidden=16, top_k=2, tokens=64, ffn=8)
+    bf16 = measure(2, experts=8, hidden=16, top_k=2, tokens=64, ffn=8, dtype="bf16")
+    for r32, r16 in zip(fp32, bf16):
+        assert r16["counted"] == r16["exact"]  # the model with activation_bytes=2 predicts the counted bytes
+        assert r16["counted"]["token_all_to_all"] * 2 == r32["counted"]["token_all_to_all"] > 0
+        assert {k: v for k, v in r16["counted"].items() if k != "token_all_to_all"} == \
+               {k: v for k, v in r32["counted"].items() if k != "token_all_to_all"}
+    model = LayerComm(num_experts=16, hidden_size=512, top_k=2, ep=4, tokens_per_rank=8192)
+    half = LayerComm(num_experts=16, hidden_size=512, top_k=2, ep=4, tokens_per_rank=8192, activation_bytes=BF16)
+    assert half.bytes_by_kind()["token_all_to_all"] * 2 == model.bytes_by_kind()["token_all_to_all"]

@@ -136,10 +136,18 @@ def test_zero_stage_matches_native_loss_trajectory(trajectories, stage):
 
 def test_bf16_trains_close_to_native_bf16(trajectories):
     """bf16 is not bit-comparable: DeepSpeed holds bf16 parameters (fp32 masters in ZeRO), the native
-    trainer autocasts fp32 parameters. Close, learning, and really in bf16 (not the fp32 numbers)."""
+    trainer autocasts fp32 parameters. Both are really bf16: they differ from the fp32 losses by more than
+    fp32 noise (the fp32 engines above agree to 1e-7), and from fp32 and each other by less than bf16's
+    unit roundoff 2^-9. Measured: native 2.7e-4, DeepSpeed 5.1e-4 from fp32, 6.1e-4 from each other."""
     _, losses = trajectories
-    assert losses["bf16"] == pytest.approx(losses["native_bf16"], rel=1e-2)
-    assert losses["bf16"][-1] < losses["bf16"][0] and losses["bf16"] != losses["full2"]
+
+    def max_relative(a, b):
+        return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
+
+    for name in ("native_bf16", "bf16"):
+        assert 1e-5 < max_relative(losses[name], losses["native"]) < 2 ** -9, (name, losses[name], losses["native"])
+    assert max_relative(losses["bf16"], losses["native_bf16"]) < 2 ** -9
+    assert losses["bf16"][-1] < losses["bf16"][0]
 
 
 @pytest.mark.parametrize("stage", STAGES)

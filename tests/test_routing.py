@@ -119,15 +119,21 @@ def test_gatepro_changes_top_k_when_the_pair_loser_leads_by_less_than_lambda():
     assert routed.gatepro_penalised == 2  # experts 1 and 3
 
 
-def test_bf16_inputs_do_not_swallow_the_penalty():
+def test_bf16_autocast_does_not_swallow_the_penalty():
+    """Under bf16 autocast (train.dtype=bf16) with bf16 tokens, the router's fp32 guard keeps the
+    logits fp32: without it autocast would run the matmul in bf16, where l - 1e-4 == l."""
     router = GateProRouter(16, 8, 2, gatepro_enabled=True, penalty=1e-4)
     x = (torch.randn(64, 16) * 4).to(torch.bfloat16)
-    r = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (x.float() @ router.weight.float().t()).dtype == torch.bfloat16  # what the guard prevents
+        r = router(x)
     assert r.logits_TN.dtype == torch.float32 and r.weights_TK.dtype == torch.float32
-    assert r.gatepro_penalised > 0
     logits = x.float() @ router.weight.t()
+    assert torch.equal(r.logits_TN, logits)  # computed in fp32, not rounded through bf16
+    assert r.gatepro_penalised > 0
     penalised = gatepro_penalty(logits, router.weight, 1e-4)
     assert bool(((penalised - logits) != 0).any()), "the penalty vanished"
+    assert r.experts_TK.tolist() == select_top_k(penalised, 2).experts_TK.tolist()
     # the same subtraction in bf16 would be lost for most entries:
     lost = (logits.bfloat16() - 1e-4) == logits.bfloat16()
     assert bool(lost.float().mean() > 0.5)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FP32, INT64 = 4, 8
+FP32, BF16, INT64 = 4, 2, 8
+ACTIVATION_BYTES = {"fp32": FP32, "bf16": BF16}  # by train.dtype: what the token all-to-all carries
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class LayerComm:
     ep: int
     tokens_per_rank: int
     backend: str = "gloo"  # gloo reduces the router gradient with an all-reduce, nccl with a reduce-scatter
-    activation_bytes: int = FP32
+    activation_bytes: int = FP32  # BF16 under train.dtype=bf16; the router's weight and gradient stay fp32
     capacity: int | None = None  # per-expert capacity with drop_policy "probs" (extra candidate exchange)
 
     def expected_remote_rows(self) -> float:

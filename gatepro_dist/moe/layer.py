@@ -132,7 +132,7 @@ class MoELayer(nn.Module):
             (routing.gatepro_penalised, routing.gatepro_topk_changed),
         )
         counts = _GlobalCounts.of(plan, self.balance_group)
-        rows_MD = dispatch(x_TD, plan, self.ep_group)
+        rows_MD = dispatch(in_compute_dtype(x_TD), plan, self.ep_group)
         expert_out_MD = self.experts(rows_MD, plan.tokens_per_local_expert)
         out_TD = combine(expert_out_MD, plan, routing.weights_TK, x_TD.shape[0], self.ep_group)
         if self.shared_experts is not None:
@@ -159,6 +159,19 @@ class MoELayer(nn.Module):
             expert_rows_max=int(plan.tokens_per_local_expert.max()) if plan.tokens_per_local_expert.numel() else 0,
         )
         return out_TD.view_as(x).to(x.dtype), stats
+
+
+def in_compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in autocast's dtype when autocast is on (bf16 training), else unchanged.
+
+    Autocast has no rule for the all-to-all or for ``grouped_mm``: without this cast the fp32
+    residual stream would cross ranks in fp32 (twice the bytes) and ``grouped_mm`` would take its
+    fp32 fallback (one GEMM per expert). The router keeps reading the fp32 tokens.
+    """
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
 
 
 @dataclass(frozen=True)

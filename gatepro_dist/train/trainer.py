@@ -23,6 +23,7 @@ from .checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, r
 from .data import GlobalBatchSampler
 from .metrics import MetricsWriter, ProgressBar
 from .model import Transformer
+from .numerics import adamw, set_numerics
 from .optim import clip_gradients, global_grad_norm, lr_at, param_groups, reduce_gradients
 from .parallel import ParallelGroups
 from .step import StepStats, TrainResult, autocast, finish_step, load_data, mean_over_world, my_part
@@ -53,15 +54,13 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
           preemption: PreemptionWatch | None = None) -> TrainResult:
     t = cfg.train
     run_dir = Path(t.run_dir)
-    if t.deterministic:
-        torch.use_deterministic_algorithms(True)
+    set_numerics(t, device)
     torch.manual_seed(t.seed)
 
     data = data if data is not None else load_data(cfg)
     sampler = GlobalBatchSampler(len(data.train), t.global_batch_size, 1, 0, t.seed)
     model = Transformer(cfg, groups.ep_group, groups.edp_group).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                                  foreach=False)
+    optimizer = adamw(param_groups(model, t.weight_decay), t, device)
     cfg_dict, cfg_hash = cfg.to_dict(), config_hash(cfg)
 
     start = 0
