@@ -13,7 +13,8 @@
 # Exit 0 when every check passed, else 1 with a last line `podman_check: FAILED: ...` (container
 # logs above it); 2 on bad input. Containers it started are removed either way.
 #
-#   docker/podman_check.sh [WORK_DIR]   # WORK_DIR: run folders and logs (default: a new temp dir)
+#   docker/podman_check.sh [WORK_DIR]   # run folders, logs, exit_codes.txt (default: a temp dir,
+#                                       # removed when every check passed)
 #
 # Needs root on Debian or Ubuntu: apt-get installs podman, runc and debootstrap when they are
 # missing, pip installs podman-compose into the cache. Environment (all optional):
@@ -47,7 +48,8 @@ host_python=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') 
     || usage_error "PYTHON=$PYTHON does not run; set PYTHON to a Python $base_python with pip"
 [ "$host_python" = "$base_python" ] \
     || usage_error "the host Python is $host_python but the base image has Debian $suite's Python $base_python, and pip downloads wheels for the Python that runs it; set PYTHON to a python$base_python with pip"
-if [ $# = 1 ]; then work=$1; mkdir -p "$work"; else work=$(mktemp -d /tmp/gatepro-podman-check.XXXXXX); fi
+own_work=0
+if [ $# = 1 ]; then work=$1; mkdir -p "$work"; else work=$(mktemp -d /tmp/gatepro-podman-check.XXXXXX) own_work=1; fi
 work=$(cd "$work" && pwd)
 mkdir -p "$cache"
 say "work dir $work, cache $cache"
@@ -196,6 +198,7 @@ expect_exit() {  # expect_exit CODE NAME...: `podman wait` says 0 even for a con
     local want=$1 c; shift
     for c in "$@"; do
         local got; got=$(exit_code "$c")
+        echo "$c $got" >>"$work/exit_codes.txt"
         [ "$got" = "$want" ] || fail_with_logs "container $c exited with $got, expected $want" "$@"
     done
 }
@@ -288,4 +291,5 @@ expect_exit 0 "${nodes[@]}"
 grep -q "world 2 = dp 1 x ep 2" "$work/${tag}_node0_1.log" "$work/${tag}_node1_1.log" \
     || fail_with_logs "the compose run's rank map does not show ep=2 across the two containers" "${nodes[@]}"
 say "compose (compose.yaml + compose.cpu.yaml) trained 6 steps ($(elapsed $t) s)"
+[ "$own_work" = 0 ] || rm -rf "$work"  # kept when it failed, or when the caller named it
 echo "podman_check: PASSED (doctor; two nodes preempted at step $stop_step, exit 75, resumed to step $final; compose trained 6 steps)"
