@@ -162,9 +162,13 @@ if ! podman image exists "$base_image"; then
     say "base image $base_image ($(elapsed $t) s)"
 fi
 t=$SECONDS
+previous=$(podman image inspect -f '{{.Id}}' "$image" 2>/dev/null || true)
 # The Dockerfile as a cluster builds it; only BASE_IMAGE and the offline pip options differ.
 build "$work/build.log" --build-arg BASE_IMAGE="$base_image" \
     --build-arg PIP_INSTALL_OPTIONS="--no-index --find-links /wheels" -f "$repo/docker/Dockerfile" -t "$image" "$repo"
+if [ -n "$previous" ] && [ "$previous" != "$(podman image inspect -f '{{.Id}}' "$image")" ]; then
+    podman rmi "$previous" >/dev/null 2>&1 || true  # the image it replaced (its layers in common stay)
+fi
 say "project image $image ($(elapsed $t) s)"
 
 # ---- containers -------------------------------------------------------------------------------
