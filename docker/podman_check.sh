@@ -130,7 +130,7 @@ debian_mirror() {  # the first Debian archive apt uses here (one-line and deb822
     for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
         [ -f "$f" ] || continue
         sed -nE 's/^deb[[:space:]]+(\[[^]]*\][[:space:]]+)?([^[:space:]]+).*/\2/p; s/^URIs:[[:space:]]*//p' "$f" | tr ' ' '\n'
-    done | grep -E '/debian/?$' | head -n1
+    done | grep -m1 -E '/debian/?$' || true
 }
 if [ "${GATEPRO_PODMAN_REBUILD:-0}" = 1 ]; then podman rmi -f "$image" "$base_image" "$debian_image" >/dev/null 2>&1 || true; fi
 if ! podman image exists "$debian_image"; then
