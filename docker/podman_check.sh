@@ -44,7 +44,7 @@ elapsed() { echo $((SECONDS - $1)); }
 
 [ $# -le 1 ] || usage_error "takes at most one argument, WORK_DIR (got $#); e.g. docker/podman_check.sh /tmp/podman-check"
 [ "$(id -u)" = 0 ] || usage_error "needs root (apt-get, debootstrap and rootful podman); run it with sudo"
-host_python=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') \
+host_python=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) \
     || usage_error "PYTHON=$PYTHON does not run; set PYTHON to a Python $base_python with pip"
 [ "$host_python" = "$base_python" ] \
     || usage_error "the host Python is $host_python but the base image has Debian $suite's Python $base_python, and pip downloads wheels for the Python that runs it; set PYTHON to a python$base_python with pip"
