@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Container entrypoint: turns the container's environment into a launch (docs/launch.md, Docker).
 #
-#   IMAGE train CONFIG [key=value ...]   train (torchrun, one agent per container)
+#   IMAGE train CONFIG [key=value ...]   train (torchrun, one agent per container); more overrides
+#                                        may come from GATEPRO_TRAIN_OVERRIDES
 #   IMAGE doctor [--ep N]                preflight check of the allocation
 #   IMAGE <anything else>                run it as is (bash, python, pytest, ...)
 #
@@ -12,6 +13,7 @@
 #                          MASTER_ADDR = the step's first host (scontrol, else the node list itself)
 #   one task per rank   -> the Python entry point directly: it reads SLURM_PROCID & co. itself
 # GATEPRO_DRY_RUN=1 prints the command instead of running it.
+# Exit codes: those of torchrun, except 75 when the ranks were preempted and saved a checkpoint.
 set -euo pipefail
 home=${GATEPRO_HOME:-$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd)}
 [ -f "$home/launch/torchrun.sh" ] || home=/opt/gatepro
@@ -23,6 +25,12 @@ case "${1:-}" in
 esac
 entry=gatepro_dist.cli.train
 [ "$verb" = train ] || entry=gatepro_dist.cluster.doctor
+# GATEPRO_TRAIN_OVERRIDES: key=value overrides appended to the train command, space-separated; a
+# compose override file can set it (merging `command:` lists differs between compose tools).
+if [ "$verb" = train ] && [ -n "${GATEPRO_TRAIN_OVERRIDES:-}" ]; then
+    # shellcheck disable=SC2206  # a list of words on purpose
+    set -- "$@" ${GATEPRO_TRAIN_OVERRIDES}
+fi
 
 if [ -n "${SLURM_JOB_ID:-}" ] && [ -n "${SLURM_STEP_NUM_TASKS:-}" ]; then
     nodes=${SLURM_STEP_NUM_NODES:-${SLURM_NNODES:-1}}
@@ -44,4 +52,34 @@ print(slurm_head_node(os.environ) or "")')  # no scontrol in the image: expand t
     fi
     unset NODE_RANK  # c10d decides which agent hosts the store
 fi
-exec bash "$home/launch/torchrun.sh" "$verb" "$@"
+if [ "${GATEPRO_DRY_RUN:-0}" = 1 ] || [ "$verb" != train ]; then
+    exec bash "$home/launch/torchrun.sh" "$verb" "$@"
+fi
+# Training: torchrun's agent exits 1 whenever its workers stop, preemption included, so the
+# container's exit code could not tell "checkpointed, start me again" from a failure. Rank 0 writes
+# GATEPRO_PREEMPTED_MARKER after the preemption checkpoint; it lies on the runs volume, which every
+# node of the job mounts (resuming needs that anyway), so every container sees it and exits 75
+# (EX_TEMPFAIL) like the ranks themselves. Without a runs folder only rank 0's container knows.
+if [ -z "${GATEPRO_PREEMPTED_MARKER:-}" ]; then
+    marker_dir=$home/runs
+    [ -d "$marker_dir" ] && [ -w "$marker_dir" ] || marker_dir=${TMPDIR:-/tmp}
+    export GATEPRO_PREEMPTED_MARKER=$marker_dir/.gatepro-preempted.${RDZV_ID:-gatepro}
+fi
+rm -f "$GATEPRO_PREEMPTED_MARKER"
+bash "$home/launch/torchrun.sh" "$verb" "$@" &
+agent=$!
+# docker stop / compose stop send SIGTERM to this script (PID 1): pass it on to torchrun, which
+# forwards it to the ranks; they agree on a step and checkpoint.
+for sig in TERM INT HUP QUIT USR1; do
+    # shellcheck disable=SC2064  # expand $agent and $sig now
+    trap "kill -s $sig $agent 2>/dev/null || true" "$sig"
+done
+rc=0
+while kill -0 "$agent" 2>/dev/null; do
+    wait "$agent" && rc=0 || rc=$?  # a trapped signal interrupts wait; wait again for the exit
+done
+if [ -s "$GATEPRO_PREEMPTED_MARKER" ]; then
+    echo "gatepro-entrypoint: preempted after step $(cut -d' ' -f1 "$GATEPRO_PREEMPTED_MARKER"); exiting with 75 (restart resumes with train.resume=auto)" >&2
+    exit 75
+fi
+exit "$rc"

@@ -35,11 +35,16 @@ fi
 $PIP install --quiet --disable-pip-version-check -e ".[test${GATEPRO_EXTRAS:+,$GATEPRO_EXTRAS}]"
 # GATEPRO_SYSTEM_PACKAGES: system software for the launch tests, space- or comma-separated.
 #   slurm: Debian slurm-wlm daemons + client + munge via apt (launch/local_slurm.sh install; root).
+#   podman: podman, runc and debootstrap via apt (root), for docker/podman_check.sh (tests/test_docker.py).
 for pkg in ${GATEPRO_SYSTEM_PACKAGES//,/ }; do
     case "$pkg" in
         slurm) bash launch/local_slurm.sh install \
                    || echo "install.sh: warning: Slurm not installed; tests/test_slurm.py will try again" >&2 ;;
-        *) echo "install.sh: unknown GATEPRO_SYSTEM_PACKAGES entry '$pkg' (known: slurm)" >&2; exit 2 ;;
+        podman) command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null \
+                   || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+                            --no-install-recommends podman runc debootstrap uidmap >/dev/null; } \
+                   || echo "install.sh: warning: podman not installed; tests/test_docker.py will try again" >&2 ;;
+        *) echo "install.sh: unknown GATEPRO_SYSTEM_PACKAGES entry '$pkg' (known: slurm, podman)" >&2; exit 2 ;;
     esac
 done
 # Hugging Face interop (gatepro-convert, tests/test_hf*.py): the `hf` extra, with torch held at the

@@ -14,7 +14,11 @@
 #   NODE_RANK       optional; 0 makes this node host the rendezvous store (is_host=1), any other
 #                   value makes it a client (is_host=0); unset, c10d decides by address. c10d still
 #                   assigns the node ranks of the workers itself.
-#   LOCAL_ADDR      this node's address as the others see it (torchrun --local-addr)
+#   LOCAL_ADDR      this node's address as the others see it (torchrun --local-addr); with
+#                   NODE_RANK=0 it defaults to MASTER_ADDR. torchrun names each agent by this
+#                   address (else the host name) and its PID, so two agents on one host with one
+#                   host name and the same PID (PID 1 in two host-network containers) collide and
+#                   never meet: give each a distinct LOCAL_ADDR (docs/launch.md, Docker)
 #   RDZV_CONF       extra rendezvous settings, e.g. is_host=1 (torchrun --rdzv-conf)
 #   SHUTDOWN_TIMEOUT seconds workers get to checkpoint after SIGTERM/SIGUSR1 (default 100)
 #   TORCHRUN_ARGS   anything else for torchrun
@@ -49,7 +53,13 @@ else
     args+=(--rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}"
            --rdzv-id="${RDZV_ID:-gatepro}")
 fi
-[ -z "${LOCAL_ADDR:-}" ] || args+=(--local-addr="$LOCAL_ADDR")
+# The store's host is reachable at MASTER_ADDR by definition: name that agent by it, so that it
+# differs from every other agent's host-name-based name even on a shared host.
+local_addr=${LOCAL_ADDR:-}
+if [ -z "$local_addr" ] && [ "${NODE_RANK:-}" = 0 ] && [ "$nnodes" != 1 ]; then
+    local_addr=${MASTER_ADDR:-}
+fi
+[ -z "$local_addr" ] || args+=(--local-addr="$local_addr")
 rdzv_conf=${RDZV_CONF:-}
 if [ -n "${NODE_RANK:-}" ] && [ "$nnodes" != 1 ] && [[ "$rdzv_conf" != *is_host=* ]]; then
     rdzv_conf="${rdzv_conf:+$rdzv_conf,}is_host=$([ "$NODE_RANK" = 0 ] && echo 1 || echo 0)"

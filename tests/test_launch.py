@@ -214,7 +214,7 @@ def test_compose_file_describes_two_host_network_nodes_with_shared_memory():
 def test_dockerfile_uses_a_cuda_pytorch_base_and_installs_every_extra():
     text = (REPO / "docker/Dockerfile").read_text()
     base = next(line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ARG BASE_IMAGE="))
-    assert base.startswith("pytorch/pytorch:") and "cuda" in base
+    assert base.startswith("docker.io/pytorch/pytorch:") and "cuda" in base  # qualified: podman needs it
     assert "optional-dependencies" in text and "-c /tmp/keep-torch.txt" in text  # every extra, torch kept
     assert 'ENTRYPOINT ["gatepro-entrypoint"]' in text and "docker/entrypoint.sh" in text
 
