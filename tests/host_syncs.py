@@ -25,6 +25,9 @@ _ALWAYS_SYNC = {
 }
 
 
+_paused = False
+
+
 class _SyncCounter(TorchDispatchMode):
     def __init__(self, counts: Counter):
         super().__init__()
@@ -32,8 +35,8 @@ class _SyncCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = _ALWAYS_SYNC.get(func)
-        if name is None and func.overloadpacket is _aten.repeat_interleave and kwargs.get("output_size") is None:
+        name = None if _paused else _ALWAYS_SYNC.get(func)
+        if name is None and not _paused and func.overloadpacket is _aten.repeat_interleave and kwargs.get("output_size") is None:
             name = "repeat_interleave"
         if name is not None:
             self.counts[name] += 1
@@ -47,7 +50,8 @@ def count_host_syncs():
     original_tolist = torch.Tensor.tolist
 
     def counted_tolist(self):
-        counts["tolist"] += 1
+        if not _paused:
+            counts["tolist"] += 1
         return original_tolist(self)
 
     torch.Tensor.tolist = counted_tolist
@@ -56,3 +60,16 @@ def count_host_syncs():
             yield counts
     finally:
         torch.Tensor.tolist = original_tolist
+
+
+@contextmanager
+def not_counted():
+    """Reads that are host memory on every device, which this CPU-only machine cannot tell apart
+    from device reads (e.g. AdamW's ``state["step"]``: torch keeps it on the CPU unless the
+    optimizer is capturable or fused, precisely so that its ``item()`` is no device sync)."""
+    global _paused
+    previous, _paused = _paused, True
+    try:
+        yield
+    finally:
+        _paused = previous
