@@ -82,7 +82,7 @@ def ensure_process_group(groups: ParallelGroups, cfg: Config, device: torch.devi
     """DeepSpeed needs torch.distributed even for one process: start a one-rank group if needed."""
     if dist.is_initialized():
         return groups
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
+    dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
                             rank=0, world_size=1)
     return build_parallel_groups(cfg.parallel.ep, device.type)
 
