@@ -98,7 +98,7 @@ def check_layer(device: torch.device) -> dict:
         "down_grad": _relative_error(ours.experts.down_proj.grad, down_grad),
     }
     same_map = bool(torch.equal(ours_map_TN, routing_map_TN))
-    return {"same_routing_map": same_map, "gatepro_topk_changed": routing.gatepro_topk_changed,
+    return {"same_routing_map": same_map, "gatepro_topk_changed": int(routing.gatepro_topk_changed),
             "relative_errors": errors, "passed": same_map and max(errors.values()) < 1e-4}
 
 
