@@ -4,9 +4,11 @@ Per MoE layer: at most one host read per forward -- the all-to-all split sizes, 
 ``all_to_all_single`` takes as host integers -- and none in backward, with GatePro on, dropless
 and with a capacity (both drop policies), at ep 1 in process and ep 2 / 4 (and dp 2 x ep 2, where
 the statistics are also summed over the expert-data-parallel group) on real gloo groups.
-Per training step: a constant number of reads, whatever the number of layers and parameters.
-Before this work one layer forward made 11 reads at ep=1 and 13 at ep 2/4 dropless (13 / 15 with
-a capacity), counting bincount.
+Per training step: one read, plus at ep > 1 the layers' split sizes, whatever the number of
+parameters. Before this work one layer forward made 11 reads at ep=1 and 13 at ep 2/4 dropless
+(13 / 15 with a capacity), counting bincount, and a step with 2 micro-batches made 73 (2 layers)
+and 137 (4 layers) at ep=1, 81 and 153 at ep=2 -- besides one ``.cpu()`` per parameter in the
+gradient norm, which this CPU counter cannot see.
 """
 from __future__ import annotations
 
@@ -64,13 +66,14 @@ def test_layer_forward_reads_the_host_once_and_backward_never(world, ep):
             assert (forward, backward) == (1, 0), f"rank {rank} {name}: {forward} forward, {backward} backward reads"
 
 
-def _syncs_of_training(tmp_path, layers: int, steps: int, *overrides) -> int:
+def _syncs_of_training(tmp_path, layers: int, steps: int, ep: int = 1, world: int = 1) -> int:
     from test_trainer import tiny_config
-    from gatepro_dist.train.parallel import single_process_groups
+    from gatepro_dist.train.parallel import build_parallel_groups
     from gatepro_dist.train.trainer import train
 
-    cfg = tiny_config(tmp_path / f"L{layers}-s{steps}", f"model.n_layers={layers}", f"train.steps={steps}",
-                      "train.save_every=1000", "train.stats_every=1000", "train.grad_accum=2", *overrides)
+    cfg = tiny_config(f"{tmp_path}/L{layers}-s{steps}", f"model.n_layers={layers}", f"train.steps={steps}",
+                      f"parallel.ep={ep}", "train.save_every=1000", "train.stats_every=1000", "train.grad_accum=2",
+                      world_size=world)
     step = torch.optim.AdamW.step
 
     def step_not_counted(self, *args, **kwargs):  # see host_syncs.not_counted
@@ -80,7 +83,7 @@ def _syncs_of_training(tmp_path, layers: int, steps: int, *overrides) -> int:
     torch.optim.AdamW.step = step_not_counted
     try:
         with count_host_syncs() as counts:
-            train(cfg, single_process_groups(), log=lambda *_: None)
+            train(cfg, build_parallel_groups(ep), log=lambda *_: None)
     finally:
         torch.optim.AdamW.step = step
     return sum(counts.values())
@@ -93,3 +96,17 @@ def test_a_training_step_reads_the_host_a_constant_number_of_times(tmp_path):
     per_step = {layers: _syncs_of_training(tmp_path, layers, 3) - _syncs_of_training(tmp_path, layers, 2)
                 for layers in (2, 4)}
     assert per_step[2] == per_step[4] == 1, per_step  # read_step's one batched copy
+
+
+def _training_worker(rank: int, world: int, tmp_path: str, layers: int, steps: int) -> int:
+    return _syncs_of_training(tmp_path, layers, steps, ep=world, world=world)
+
+
+@pytest.mark.slow
+def test_at_ep2_a_step_adds_only_each_layer_forwards_split_sizes(tmp_path):
+    """At ep=2 a step reads the host once plus once per MoE layer forward (2 micro-batches)."""
+    for layers in (2, 4):
+        runs = {steps: run_on_ranks(2, _training_worker, str(tmp_path / f"{steps}"), layers, steps)
+                for steps in (2, 3)}
+        per_step = [a - b for a, b in zip(runs[3], runs[2])]
+        assert per_step == [1 + layers * 2] * 2, (layers, per_step)
