@@ -73,8 +73,9 @@ def plan_dispatch(
 ) -> DispatchPlan:
     """Exchange counts and decide which rows go where. Collective over ``ep_group``.
 
-    Host reads: exactly one, the split sizes (``_splits_to_host``). Everything else stays on the
-    device; the number of tokens of each rank, which capacity needs as a Python number, is a
+    Host reads: at most one, the split sizes (``_splits_to_host``; none at ep=1 without capacity,
+    where they are known). Everything else stays on the device; the number of tokens of each
+    rank, which capacity needs as a Python number (it sizes the "probs" candidate table), is a
     shape, exchanged in host memory (``comm.host_all_gather_ints``) without touching the device.
     """
     if drop_policy not in DROP_POLICIES:

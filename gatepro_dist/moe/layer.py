@@ -76,9 +76,9 @@ class MoEStats:
     dropped_tokens: torch.Tensor  # (token, expert) assignments dropped by capacity
     gatepro_penalised: torch.Tensor  # (token, expert) entries that received the penalty
     gatepro_topk_changed: torch.Tensor  # tokens whose expert set the penalty changed
+    expert_rows_max: torch.Tensor  # most rows one of this rank's experts computed (<= capacity when set)
     rows_sent: int = 0  # this rank's token rows dispatched to experts on other ranks
     rows_received: int = 0  # rows this rank's experts received from other ranks
-    expert_rows_max: torch.Tensor | int = 0  # most rows one of this rank's experts computed (<= capacity)
 
     @property
     def zero_token_experts(self) -> torch.Tensor:

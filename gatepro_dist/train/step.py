@@ -73,9 +73,9 @@ class StepStats:
         for acc, s in zip(self.layers, stats):
             acc["counts"] += s.tokens_per_expert
             acc["losses"] += torch.stack([s.aux_loss.detach(), s.z_loss.detach()]).to(torch.float64)
-            acc["counted"] += torch.stack([torch.as_tensor(v, device=acc["counted"].device).reshape(()) for v in (
-                s.dropped_tokens, s.gatepro_penalised, s.gatepro_topk_changed, s.tokens_per_expert.sum())])
-            acc["rows_max"] = torch.maximum(acc["rows_max"], torch.as_tensor(s.expert_rows_max, device=acc["rows_max"].device))
+            acc["counted"] += torch.stack([s.dropped_tokens, s.gatepro_penalised, s.gatepro_topk_changed,
+                                           s.tokens_per_expert.sum()])
+            acc["rows_max"] = torch.maximum(acc["rows_max"], s.expert_rows_max)
         self.micro_batches += 1
 
 
