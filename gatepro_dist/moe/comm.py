@@ -26,7 +26,7 @@ from ..cluster import faults
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 # NCCL always has reduce-scatter; gloo has it from torch 2.13 on (DESIGN §4). Older gloo: all-reduce.
-_GLOO_REDUCE_SCATTER = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+GLOO_HAS_REDUCE_SCATTER = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
 
 
 _traffic: Counter | None = None  # set only inside count_traffic(); measurement, not model state
@@ -64,7 +64,7 @@ def group_size(group) -> int:
 
 def can_reduce_scatter(device: torch.device) -> bool:
     """Whether the backend that serves ``device`` has reduce-scatter (chosen by device, not by name)."""
-    return device.type != "cpu" or _GLOO_REDUCE_SCATTER
+    return device.type != "cpu" or GLOO_HAS_REDUCE_SCATTER
 
 
 def group_rank(group) -> int:
