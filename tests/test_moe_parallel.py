@@ -88,10 +88,10 @@ def _ep_worker(rank: int, world: int, case_names: list[str]) -> dict:
                 dist.all_reduce(grad)
             err[f"grad:{pname}"] = rel_err(grad, expected)
         err["same_counts"] = bool(torch.equal(stats.tokens_per_expert, stats_ref.tokens_per_expert))
-        err["same_drops"] = stats.dropped_tokens == stats_ref.dropped_tokens
-        err["same_gatepro_counts"] = (stats.gatepro_penalised, stats.gatepro_topk_changed) == (
-            stats_ref.gatepro_penalised, stats_ref.gatepro_topk_changed)
-        err["stats"] = (stats.dropped_tokens, stats.gatepro_penalised, stats.gatepro_topk_changed)
+        err["same_drops"] = bool(stats.dropped_tokens == stats_ref.dropped_tokens)
+        err["same_gatepro_counts"] = bool(stats.gatepro_penalised == stats_ref.gatepro_penalised) and bool(
+            stats.gatepro_topk_changed == stats_ref.gatepro_topk_changed)
+        err["stats"] = (int(stats.dropped_tokens), int(stats.gatepro_penalised), int(stats.gatepro_topk_changed))
         errors[name] = err
     return errors
 
@@ -163,7 +163,7 @@ def _imbalance_worker(rank, world, capacity_factor):
     (out.square().sum() + stats.loss).backward()
     grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in layer.parameters())
     return dict(finite=bool(torch.isfinite(out).all()) and grads_finite,
-                zero=stats.zero_token_experts, dropped=stats.dropped_tokens,
+                zero=int(stats.zero_token_experts), dropped=int(stats.dropped_tokens),
                 counts=stats.tokens_per_expert.tolist())
 
 

@@ -82,7 +82,7 @@ def ensure_process_group(groups: ParallelGroups, cfg: Config, device: torch.devi
     """DeepSpeed needs torch.distributed even for one process: start a one-rank group if needed."""
     if dist.is_initialized():
         return groups
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
+    dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
                             rank=0, world_size=1)
     return build_parallel_groups(cfg.parallel.ep, device.type)
 
@@ -164,8 +164,10 @@ def build_engine(deepspeed, cfg: Config, groups: ParallelGroups, model: nn.Modul
     t = cfg.train
     mark_expert_params(model, register_expert_groups(groups))
     wrapped = DeepSpeedModel(model, groups, cfg.moe.num_experts)
+    # foreach: one multi-tensor update per group, not a loop over parameters (DeepSpeed's ZeRO wrapper
+    # steps this optimizer on its own partitions, so the fused CUDA kernel is not assumed here).
     optimizer = torch.optim.AdamW(optimizer_groups(model, t.weight_decay), lr=t.lr,
-                                  betas=(t.beta1, t.beta2), foreach=False)
+                                  betas=(t.beta1, t.beta2), foreach=True)
     engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer,
                                            config=deepspeed_config(cfg, groups.world_size))
     return engine

@@ -7,7 +7,6 @@ the loss trajectory equals the native backend's (tests/test_deepspeed_backend.py
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -19,20 +18,25 @@ from ..train.checkpoint import check_compatible, read_manifest, resolve_resume
 from ..config import Config, config_hash
 from ..train.data import GlobalBatchSampler
 from ..train.metrics import MetricsWriter, ProgressBar
+from ..train.numerics import set_numerics
 from ..train.model import Transformer
 from ..train.optim import clip_gradients, global_grad_norm, lr_at
 from ..train.parallel import ParallelGroups
 from ..cluster.preemption import NonFiniteStop, PreemptionWatch
-from ..train.step import StepStats, TrainResult, finish_step, load_data, mean_over_world, my_part
+from ..train.step import StepStats, TrainResult, finish_step, load_data, my_part, read_step
 from .deepspeed_config import trainer_clips
 from .deepspeed_engine import (build_engine, ensure_process_group, import_deepspeed, load_deepspeed_checkpoint,
                                save_deepspeed_checkpoint)
 
 
-def _all_finite(value: float, groups: ParallelGroups) -> bool:
-    bad = torch.tensor([0.0 if math.isfinite(value) else 1.0])
-    comm.all_reduce_sum(bad, groups.world_group)
-    return float(bad) == 0.0
+def _all_finite(loss: torch.Tensor, groups: ParallelGroups) -> bool:
+    """Is ``loss`` finite on every rank? The flag is made where the loss lives, so the world
+    all-reduce runs on the loss's device (NCCL on GPUs; a CPU tensor there would fail)."""
+    bad_1 = (~torch.isfinite(loss.detach())).to(torch.float64).reshape(1)
+    comm.all_reduce_sum(bad_1, groups.world_group)
+    # Read per micro-batch, inherently: the engine cannot undo a backward once it ran (ZeRO-2
+    # reduces gradients as they arrive), so the decision must come before engine.backward.
+    return not bool(bad_1[0])
 
 
 def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=None, log=print,
@@ -44,8 +48,7 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
     if groups.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    if t.deterministic:
-        torch.use_deterministic_algorithms(True)
+    set_numerics(t, device)  # TF32 and deterministic kernels as in the native trainer
     torch.manual_seed(t.seed)
 
     data = data if data is not None else load_data(cfg)
@@ -84,14 +87,15 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
 
-        step_stats, ce_sum, grad_norm = StepStats(), 0.0, None
+        step_stats, grad_norm = StepStats(), None
+        ce_sum = torch.zeros((), dtype=torch.float64, device=device)  # read once, in read_step
         parts = my_part(sampler.global_batch(step), t.grad_accum, groups)
         for micro, part in enumerate(parts):
             inputs, targets = data.train.batch(part)
             logits, stats = engine(inputs.to(device))
             ce = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten())
             loss = ce + sum((s.loss for s in stats), torch.zeros((), device=device))
-            if not _all_finite(float(loss.detach()), groups):
+            if not _all_finite(loss, groups):
                 # The engine has already taken earlier micro-batches' gradients (ZeRO-2 reduces
                 # them as they arrive), so unlike the native trainer it cannot drop this step.
                 raise NonFiniteStop(
@@ -103,20 +107,21 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
                 clip_gradients(model, grad_norm, t.grad_clip)
             engine.step()
             step_stats.add(stats)
-            ce_sum += float(ce.detach())
+            ce_sum += ce.detach().to(torch.float64)
         sampler.step = step + 1
         if grad_norm is None:
-            grad_norm = torch.tensor(float(engine.get_global_grad_norm() or 0.0))
+            grad_norm = torch.tensor(float(engine.get_global_grad_norm() or 0.0), dtype=torch.float64)
         for layer, acc in zip(model.moe_layers, step_stats.layers or []):
             layer.router.update_bias(acc["counts"])
-        step_loss = mean_over_world([ce_sum / t.grad_accum], groups)[0]
+        readout = read_step(ce_sum, t.grad_accum, grad_norm, step_stats, groups)
+        step_loss = readout.loss
         elapsed = time.perf_counter() - began
         losses.append(step_loss)
 
         done = step + 1
-        record = {"step": done, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
+        record = {"step": done, "loss": step_loss, "lr": lr, "grad_norm": readout.grad_norm,
                   "tokens_per_s": tokens_per_step / elapsed, "gatepro": gatepro_on,
-                  "moe": step_stats.records(groups)}
+                  "moe": readout.moe}
         val_loss = finish_step(record, cfg, groups, device, model, data, metrics, progress, preemption,
                                save, run_dir, val_loss, eval_model=engine.module)
 

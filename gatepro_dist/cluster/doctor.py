@@ -120,7 +120,7 @@ def diagnose(report: dict) -> list[tuple[str, str]]:
         mib = min(r["shm_total"] for r in ranks if r["host"] in small_shm) >> 20
         out.append(("warn", f"/dev/shm is only {mib} MiB on {', '.join(small_shm)}: NCCL and data loaders "
                             f"need more; in Docker use --ipc=host or --shm-size=16g"))
-    if backend == "nccl":
+    if "nccl" in backend:  # "nccl", or "cpu:gloo,cuda:nccl" as we start it
         for host in hosts:
             local = [r for r in ranks if r["host"] == host]
             if local[0]["cuda_devices"] < len(local):
@@ -128,12 +128,12 @@ def diagnose(report: dict) -> list[tuple[str, str]]:
                                     f"GPU(s); lower the ranks per node or fix CUDA_VISIBLE_DEVICES"))
     env0 = ranks[0]["env"]
     if len(hosts) > 1:
-        ifname = "NCCL_SOCKET_IFNAME" if backend == "nccl" else "GLOO_SOCKET_IFNAME"
+        ifname = "NCCL_SOCKET_IFNAME" if "nccl" in backend else "GLOO_SOCKET_IFNAME"
         if ifname not in env0:
             out.append(("warn", f"{ifname} is not set on a multi-host job: if a host name resolves to "
                                 f"127.0.x.x, {backend} binds to loopback and peers cannot connect; set it to "
                                 f"the cluster interface (e.g. {ifname}=eth0 or ib0)"))
-        if env0.get("NCCL_IB_DISABLE") == "1" and backend == "nccl":
+        if env0.get("NCCL_IB_DISABLE") == "1" and "nccl" in backend:
             out.append(("warn", "NCCL_IB_DISABLE=1: inter-node traffic goes over TCP sockets"))
     for key in sorted({k for r in ranks for k in r["env"] if k.startswith(("NCCL_", "GLOO_"))}):
         if len({r["env"].get(key) for r in ranks}) > 1:
@@ -148,7 +148,7 @@ def diagnose(report: dict) -> list[tuple[str, str]]:
         a2a = report["collectives"]["all_to_all_round_trip"]
         out.append(("ok", f"all-to-all round trip and all-gather are correct; all-to-all bus bandwidth "
                           f"{a2a['busbw_GBps']:.3f} GB/s per rank"))
-        if backend == "nccl" and len(hosts) > 1 and a2a["busbw_GBps"] < 1.0:
+        if "nccl" in backend and len(hosts) > 1 and a2a["busbw_GBps"] < 1.0:
             out.append(("warn", "inter-node bandwidth is below 1 GB/s: NCCL is probably using TCP; check "
                                 "InfiniBand/RoCE (NCCL_DEBUG=INFO, /dev/infiniband in containers, NCCL_IB_HCA)"))
     return out

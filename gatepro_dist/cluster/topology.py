@@ -304,7 +304,8 @@ def init_distributed(topology: Topology, backend: str, timeout_s: float) -> torc
     device = pick_device(topology, backend)
     if topology.world_size > 1 and not dist.is_initialized():
         export_environment(topology)
-        chosen = "nccl" if device.type == "cuda" else "gloo"
+        # GPUs: NCCL for device tensors, gloo for host control messages (docs/training.md).
+        chosen = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(chosen, init_method="env://", rank=topology.rank,
                                 world_size=topology.world_size, timeout=timedelta(seconds=timeout_s))
     return device

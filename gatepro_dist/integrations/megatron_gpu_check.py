@@ -157,7 +157,7 @@ def check_layer(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> di
     map_agreement = float((ours_map_TN == routing_map_TN).all(dim=1).float().mean())
     tolerance, min_agreement = (3e-2, 0.99) if bf16 else (1e-4, 1.0)
     return {"dtype": str(dtype), "megatron_experts": type(megatron.experts).__name__,
-            "routing_map_agreement": map_agreement, "gatepro_topk_changed": routing.gatepro_topk_changed,
+            "routing_map_agreement": map_agreement, "gatepro_topk_changed": int(routing.gatepro_topk_changed),
             "relative_errors": errors,
             "passed": map_agreement >= min_agreement and max(errors.values()) < tolerance}
 

@@ -2,6 +2,14 @@
 
 ``group=None`` means *no communication* (a single rank), not torch's WORLD: the same code path
 runs at ep=1 without touching torch.distributed. Every function here is a no-op copy then.
+
+Devices (docs/training.md, "Process groups"): on GPUs the groups are ``cpu:gloo,cuda:nccl``. A
+collective runs where its tensor lives -- data the device made (gradients, counts, activations)
+goes over NCCL on that device, and nothing here moves it; the few *host* values the engine must
+exchange (how many tokens each rank holds, a preemption flag) go over gloo in host memory with
+the ``host_*`` functions, so neither kind waits for the other. Which collective to use is chosen
+from the tensor's device, never from ``dist.get_backend`` (a multi-backend group's name is
+``"cpu:gloo,cuda:nccl"``, not ``"nccl"``).
 """
 from __future__ import annotations
 
@@ -13,8 +21,12 @@ import torch.distributed as dist
 
 from ..cluster import faults
 
-# torch renamed all_gather_into_tensor; use whichever this version has without a warning.
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor (the old names warn); torch
+# 2.11 (the GPU machine's) has only the old ones: use whichever this version has.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# NCCL always has reduce-scatter; gloo has it from torch 2.13 on (DESIGN §4). Older gloo: all-reduce.
+GLOO_HAS_REDUCE_SCATTER = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
 
 
 _traffic: Counter | None = None  # set only inside count_traffic(); measurement, not model state
@@ -50,11 +62,9 @@ def group_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def device_for(group) -> torch.device:
-    """Where a tensor must live for a collective on ``group``: the current GPU under NCCL, else CPU."""
-    if group is not None and dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def can_reduce_scatter(device: torch.device) -> bool:
+    """Whether the backend that serves ``device`` has reduce-scatter (chosen by device, not by name)."""
+    return device.type != "cpu" or GLOO_HAS_REDUCE_SCATTER
 
 
 def group_rank(group) -> int:
@@ -79,12 +89,12 @@ class _AllGatherRows(torch.autograd.Function):
         world = dist.get_world_size(group)
         grad_full = grad_full.contiguous()
         rows = grad_full.shape[0] // world
-        if dist.get_backend(group) == "nccl":
+        if can_reduce_scatter(grad_full.device):
             _count("router_grad_reduce", _nbytes(grad_full) * (world - 1) / world)
             grad_local = grad_full.new_empty((rows,) + tuple(grad_full.shape[1:]))
-            dist.reduce_scatter_tensor(grad_local, grad_full, group=group)
+            _reduce_scatter_flat(grad_local, grad_full, group=group)
             return grad_local, None
-        # gloo has no reduce_scatter: sum everywhere, keep our rows.
+        # gloo before torch 2.13 has no reduce_scatter: sum everywhere, keep our rows.
         _count("router_grad_reduce", 2 * _nbytes(grad_full) * (world - 1) / world)
         dist.all_reduce(grad_full, group=group)
         rank = dist.get_rank(group)
@@ -167,3 +177,53 @@ def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
         _count("reduce", 2 * _nbytes(t) * (group_size(group) - 1) / group_size(group))
         dist.all_reduce(t, group=group)
     return t
+
+
+def host_device(group) -> torch.device:
+    """Where host values travel on ``group``: the CPU when the group has a CPU backend (gloo, or
+    ``cpu:gloo,cuda:nccl``); only a group made NCCL-only by someone else forces them through the
+    GPU (correct, at the cost of a device round trip)."""
+    if group is None:
+        return torch.device("cpu")
+    # e.g. "cpu:gloo,cuda:nccl" -> ["cpu", "cuda"]
+    device_types = [entry.split(":")[0] for entry in dist.get_backend_config(group).split(",")]
+    if "cpu" in device_types:
+        return torch.device("cpu")
+    if device_types[0] == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device_types[0])
+
+
+def host_all_reduce(values: list[float], group, op: str = "sum") -> list[float]:
+    """Sum (or max) host numbers over ``group``, in fp64 host memory: a control message (see
+    ``host_all_gather_ints``)."""
+    local = torch.tensor(values, dtype=torch.float64, device=host_device(group))
+    if group_size(group) > 1:
+        _count("reduce", 2 * _nbytes(local) * (group_size(group) - 1) / group_size(group))
+        dist.all_reduce(local, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+    return local.cpu().numpy().tolist()
+
+
+def host_all_gather_ints(values: list[int], group) -> list[list[int]]:
+    """Every rank's ``values`` (host integers, e.g. token counts known from shapes): [rank][i].
+
+    A control message in host memory over the group's CPU backend (gloo): no device tensor is
+    made or read, so it costs no host-device synchronisation (``numpy()`` reads the host buffer
+    that gloo filled; nothing was ever on the device).
+    """
+    if group_size(group) == 1:
+        return [list(values)]
+    local_C = torch.tensor(values, dtype=torch.long, device=host_device(group))
+    gathered = local_C.new_empty(group_size(group) * local_C.numel())
+    _count("counts", _nbytes(local_C) * (group_size(group) - 1))
+    _all_gather_flat(gathered, local_C, group=group)
+    return gathered.cpu().numpy().reshape(group_size(group), -1).tolist()
+
+
+def all_reduce_sum_async(t: torch.Tensor, group):
+    """Start an in-place sum over ``group`` and return its handle (None for a single rank):
+    the caller keeps computing (the rest of backward) and waits only when it needs the sum."""
+    if group_size(group) == 1:
+        return None
+    _count("reduce", 2 * _nbytes(t) * (group_size(group) - 1) / group_size(group))
+    return dist.all_reduce(t, group=group, async_op=True)

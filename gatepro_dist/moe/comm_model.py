@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .comm import GLOO_HAS_REDUCE_SCATTER
+
 FP32, BF16, INT64 = 4, 2, 8
 ACTIVATION_BYTES = {"fp32": FP32, "bf16": BF16}  # by train.dtype: what the token all-to-all carries
 
@@ -20,7 +22,7 @@ class LayerComm:
     top_k: int
     ep: int
     tokens_per_rank: int
-    backend: str = "gloo"  # gloo reduces the router gradient with an all-reduce, nccl with a reduce-scatter
+    backend: str = "gloo"  # nccl and gloo >= torch 2.13 reduce the router gradient with a reduce-scatter
     activation_bytes: int = FP32  # BF16 under train.dtype=bf16; the router's weight and gradient stay fp32
     capacity: int | None = None  # per-expert capacity with drop_policy "probs" (extra candidate exchange)
 
@@ -35,10 +37,10 @@ class LayerComm:
         sent = self.expected_remote_rows() if rows_sent is None else rows_sent
         received = self.expected_remote_rows() if rows_received is None else rows_received
         router = n * d * FP32
-        grad_factor = 2 if self.backend == "gloo" else 1
+        grad_factor = 2 if self.backend == "gloo" and not GLOO_HAS_REDUCE_SCATTER else 1  # see comm.py
         counts = (n + 3) * INT64 * (ep - 1) + (n // ep) * INT64 * (ep - 1)
         if self.capacity is not None:
-            counts += n * self.capacity * (FP32 + INT64) * (ep - 1)
+            counts += n * self.capacity * (FP32 + INT64) * (ep - 1) + INT64 * (ep - 1)  # + tokens per rank
         return {
             "router_all_gather": router // ep * (ep - 1),
             "router_grad_reduce": grad_factor * router * (ep - 1) // ep,

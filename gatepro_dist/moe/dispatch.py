@@ -40,15 +40,26 @@ class DispatchPlan:
     grouped_to_recv: torch.Tensor | None  # its inverse; both None when rows arrive grouped already
     tokens_per_local_expert: torch.Tensor  # [E_local] rows each local expert computes
     tokens_per_expert: torch.Tensor  # [N] routed assignments per expert in the EP group, before drops
-    total_tokens: int  # tokens in the EP group
-    dropped_tokens: int  # assignments dropped by capacity in the EP group
-    gatepro_penalised: int  # summed over the EP group
-    gatepro_topk_changed: int  # summed over the EP group
+    # The statistics below are 0-dim long tensors on the device, summed over the EP group: the
+    # trainer reads them once per step, not once per layer.
+    total_tokens: torch.Tensor  # tokens in the EP group
+    dropped_tokens: torch.Tensor  # assignments dropped by capacity in the EP group
+    gatepro_penalised: torch.Tensor
+    gatepro_topk_changed: torch.Tensor
 
     @property
     def drops_here(self) -> bool:
         """Did capacity drop any of this rank's assignments?"""
         return self.send_assignment_S.numel() < self.row_of_assignment_A.numel()
+
+
+def count_per_expert(expert_A: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[N] how many entries of ``expert_A`` name each expert (long, on its device).
+
+    A scatter-add of ones, not ``bincount``: on CUDA bincount reads the maximum back to the host.
+    """
+    counts_N = torch.zeros(num_experts, dtype=torch.long, device=expert_A.device)
+    return counts_N.scatter_add_(0, expert_A, torch.ones_like(expert_A))
 
 
 def plan_dispatch(
@@ -58,59 +69,94 @@ def plan_dispatch(
     ep_group=None,
     capacity_factor: float | None = None,
     drop_policy: str = "position",
-    gatepro_counts: tuple[int, int] = (0, 0),
+    gatepro_counts: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> DispatchPlan:
-    """Exchange counts and decide which rows go where. Collective over ``ep_group``."""
+    """Exchange counts and decide which rows go where. Collective over ``ep_group``.
+
+    Host reads: at most one, the split sizes (``_splits_to_host``; none at ep=1 without capacity,
+    where they are known). Everything else stays on the device; the number of tokens of each
+    rank, which capacity needs as a Python number (it sizes the "probs" candidate table), is a
+    shape, exchanged in host memory (``comm.host_all_gather_ints``) without touching the device.
+    """
     if drop_policy not in DROP_POLICIES:
         raise ValueError(f"drop_policy={drop_policy!r} is not one of {DROP_POLICIES}; pick one of them")
     ep_size, ep_rank = comm.group_size(ep_group), comm.group_rank(ep_group)
     num_local = num_experts // ep_size
     num_tokens, top_k = experts_TK.shape
     device = experts_TK.device
+    if gatepro_counts is None:
+        no_count = torch.zeros((), dtype=torch.long, device=device)
+        gatepro_counts = (no_count, no_count)
 
     expert_A = experts_TK.reshape(-1)
-    tokens_per_expert_local_N = torch.bincount(expert_A, minlength=num_experts)
+    tokens_per_expert_local_N = count_per_expert(expert_A, num_experts)
     # One small all-gather tells every rank everything it needs: counts, batch sizes, GatePro stats.
-    header = torch.tensor([num_tokens, *gatepro_counts], dtype=torch.long, device=device)
-    gathered_RC = comm.all_gather_counts(torch.cat([tokens_per_expert_local_N, header]), ep_group)
+    # (full, not torch.tensor([...], device=...): a fill kernel instead of a host-to-device copy.)
+    header_3 = torch.stack([
+        torch.full((), num_tokens, dtype=torch.long, device=device),
+        *(c.to(torch.long).reshape(()) for c in gatepro_counts),
+    ])
+    gathered_RC = comm.all_gather_counts(torch.cat([tokens_per_expert_local_N, header_3]), ep_group)
     counts_RN = gathered_RC[:, :num_experts]
-    tokens_R = gathered_RC[:, num_experts]
+    header_R3 = gathered_RC[:, num_experts:]
     tokens_per_expert_N = counts_RN.sum(0)
-    total_tokens = int(tokens_R.sum())
-    first_token = int(tokens_R[:ep_rank].sum())
 
     # Stable sort by expert keeps token order inside each expert.
     order_A = torch.sort(expert_A, stable=True).indices
-    dropped = 0
+    dropped = torch.zeros((), dtype=torch.long, device=device)
     if capacity_factor is not None:
-        capacity = expert_capacity(total_tokens, top_k, num_experts, capacity_factor)
+        tokens_R = [row[0] for row in comm.host_all_gather_ints([num_tokens], ep_group)]
+        capacity = expert_capacity(sum(tokens_R), top_k, num_experts, capacity_factor)
         keep_A = _keep_mask(
             order_A, expert_A, weights_TK.detach().reshape(-1), counts_RN, capacity,
-            drop_policy, first_token, top_k, ep_group,
+            drop_policy, sum(tokens_R[:ep_rank]), top_k, ep_group,
         )
-        order_A = order_A[keep_A]
-        dropped = int((tokens_per_expert_N - capacity).clamp_min(0).sum())
-    kept_N = torch.bincount(expert_A[order_A], minlength=num_experts)
+        # Kept assignments first (in sorted order), then the dropped: a stable sort on "dropped"
+        # instead of order_A[keep_A], whose size the host would have to read.
+        kept_first_A = torch.sort((~keep_A).to(torch.int8), stable=True).indices
+        kept_N = torch.zeros(num_experts, dtype=torch.long, device=device).scatter_add_(
+            0, expert_A[order_A], keep_A.to(torch.long))
+        order_A = order_A[kept_first_A]
+        dropped = (tokens_per_expert_N - capacity).clamp_min(0).sum()
+    else:
+        kept_N = tokens_per_expert_local_N
 
     send_RE = kept_N.view(ep_size, num_local)
     recv_RE = comm.all_to_all_counts(send_RE, ep_group)
+    if ep_size == 1 and capacity_factor is None:  # every assignment stays here: known without a read
+        input_splits = output_splits = [expert_A.numel()]
+    else:
+        input_splits, output_splits = _splits_to_host(send_RE, recv_RE)
+    order_S = order_A[: sum(input_splits)]  # the kept assignments (all of them when dropless)
     # Rows from one source rank, or for one local expert, arrive grouped already.
-    recv_to_grouped = _group_by_local_expert(recv_RE) if ep_size > 1 and num_local > 1 else None
+    recv_to_grouped = (
+        _group_by_local_expert(recv_RE, sum(output_splits)) if ep_size > 1 and num_local > 1 else None
+    )
     return DispatchPlan(
-        send_token_S=order_A // top_k,
-        send_assignment_S=order_A,
-        row_of_assignment_A=_inverse_permutation(order_A, expert_A.numel()),
-        input_splits=send_RE.sum(1).tolist(),
-        output_splits=recv_RE.sum(1).tolist(),
+        send_token_S=order_S // top_k,
+        send_assignment_S=order_S,
+        row_of_assignment_A=_inverse_permutation(order_S, expert_A.numel()),
+        input_splits=input_splits,
+        output_splits=output_splits,
         recv_to_grouped=recv_to_grouped,
         grouped_to_recv=None if recv_to_grouped is None else _inverse_permutation(recv_to_grouped),
         tokens_per_local_expert=recv_RE.sum(0),
         tokens_per_expert=tokens_per_expert_N,
-        total_tokens=total_tokens,
+        total_tokens=header_R3[:, 0].sum(),
         dropped_tokens=dropped,
-        gatepro_penalised=int(gathered_RC[:, num_experts + 1].sum()),
-        gatepro_topk_changed=int(gathered_RC[:, num_experts + 2].sum()),
+        gatepro_penalised=header_R3[:, 1].sum(),
+        gatepro_topk_changed=header_R3[:, 2].sum(),
     )
+
+
+def _splits_to_host(send_RE: torch.Tensor, recv_RE: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Rows to send to / receive from each EP rank, as Python lists.
+
+    The one inherent host read of a layer's forward: ``all_to_all_single`` takes its split sizes
+    as host integers, and the output buffer's size is their sum. One copy for both directions.
+    """
+    splits_2R = torch.stack([send_RE.sum(1), recv_RE.sum(1)]).tolist()
+    return splits_2R[0], splits_2R[1]
 
 
 def _inverse_permutation(order: torch.Tensor, size: int | None = None) -> torch.Tensor:
@@ -121,16 +167,19 @@ def _inverse_permutation(order: torch.Tensor, size: int | None = None) -> torch.
     return inverse
 
 
-def _group_by_local_expert(recv_RE: torch.Tensor) -> torch.Tensor:
-    """Indices that reorder rows received as (source, expert) blocks into (expert, source) blocks."""
+def _group_by_local_expert(recv_RE: torch.Tensor, total: int) -> torch.Tensor:
+    """Indices that reorder rows received as (source, expert) blocks into (expert, source) blocks.
+
+    ``total`` (the rows received, known on the host from the split sizes) sizes the output, so
+    ``repeat_interleave`` does not read its repeats back.
+    """
     ep_size, num_local = recv_RE.shape
     lengths_B = recv_RE.reshape(-1)
     starts_B = torch.cumsum(lengths_B, 0) - lengths_B
     blocks = torch.arange(ep_size * num_local, device=recv_RE.device).view(ep_size, num_local).t().reshape(-1)
     lengths, starts = lengths_B[blocks], starts_B[blocks]
     new_starts = torch.cumsum(lengths, 0) - lengths
-    total = int(lengths.sum())
-    shift = torch.repeat_interleave(starts - new_starts, lengths)
+    shift = torch.repeat_interleave(starts - new_starts, lengths, output_size=total)
     return torch.arange(total, device=recv_RE.device) + shift
 
 
@@ -140,9 +189,9 @@ def _keep_mask(order_A, expert_A, weight_A, counts_RN, capacity, policy, first_t
     sorted_expert = expert_A[order_A]
     num_experts = counts_RN.shape[1]
     local_counts_N = counts_RN[ep_rank]
-    rank_in_expert = torch.arange(order_A.numel(), device=order_A.device) - torch.repeat_interleave(
-        torch.cumsum(local_counts_N, 0) - local_counts_N, local_counts_N
-    )
+    # Position of each sorted assignment inside its expert's block (an index, not a repeat: no read).
+    first_of_expert_N = torch.cumsum(local_counts_N, 0) - local_counts_N
+    rank_in_expert = torch.arange(order_A.numel(), device=order_A.device) - first_of_expert_N[sorted_expert]
     if policy == "position":
         before_me_N = counts_RN[:ep_rank].sum(0)
         return before_me_N[sorted_expert] + rank_in_expert < capacity
@@ -154,12 +203,15 @@ def _keep_mask(order_A, expert_A, weight_A, counts_RN, capacity, policy, first_t
     # Re-sort inside each expert by (weight desc, token asc): token order is already ascending.
     key_order = torch.sort(-weight, stable=True).indices
     key_order = key_order[torch.sort(sorted_expert[key_order], stable=True).indices]
-    cand_w = torch.full((num_experts, capacity), -float("inf"), device=weight.device)
-    cand_t = torch.full((num_experts, capacity), torch.iinfo(torch.long).max, device=weight.device)
+    # Candidates beyond the C-th of their expert go to a spare last column that is cut off, instead
+    # of being filtered out with a boolean mask (whose size the host would have to read).
+    cand_w = torch.full((num_experts, capacity + 1), -float("inf"), device=weight.device)
+    cand_t = torch.full((num_experts, capacity + 1), torch.iinfo(torch.long).max, device=weight.device)
     rank_sorted = rank_in_expert  # position within expert after re-sort is the same arange trick
-    take = rank_sorted < capacity
-    cand_w[sorted_expert[take], rank_sorted[take]] = weight[key_order][take]
-    cand_t[sorted_expert[take], rank_sorted[take]] = gtoken[key_order][take]
+    column = rank_sorted.clamp_max(capacity)
+    cand_w[sorted_expert, column] = weight[key_order]
+    cand_t[sorted_expert, column] = gtoken[key_order]
+    cand_w, cand_t = cand_w[:, :capacity].contiguous(), cand_t[:, :capacity].contiguous()
     all_w = comm.all_gather_counts(cand_w, ep_group).permute(1, 0, 2).reshape(num_experts, -1)
     all_t = comm.all_gather_counts(cand_t, ep_group).permute(1, 0, 2).reshape(num_experts, -1)
     by_token = torch.sort(all_t, dim=1, stable=True).indices

@@ -60,23 +60,29 @@ class MoESpec:
 
 @dataclass(frozen=True)
 class MoEStats:
-    """One forward's statistics. Counts are over the whole EP group; losses are this rank's share."""
+    """One forward's statistics. Counts are over the whole EP group; losses are this rank's share.
+
+    Counts are long tensors on the layer's device (0-dim for the scalars), never read here: a
+    read per layer would make the host wait for the device at every layer. ``train/step.py``
+    reads a whole step's statistics in one batch. ``rows_sent``/``rows_received`` come from the
+    split sizes, which the host holds anyway.
+    """
 
     tokens_per_expert: torch.Tensor  # [N] assignments routed to each expert, before drops
-    total_tokens: int
+    total_tokens: torch.Tensor
     aux_loss: torch.Tensor  # Switch balance loss (this rank's share; differentiable)
     z_loss: torch.Tensor  # router z-loss (this rank's tokens; differentiable)
     loss: torch.Tensor  # aux_loss_coef * aux_loss + z_loss_coef * z_loss: add it to the objective
-    dropped_tokens: int  # (token, expert) assignments dropped by capacity
-    gatepro_penalised: int  # (token, expert) entries that received the penalty
-    gatepro_topk_changed: int  # tokens whose expert set the penalty changed
+    dropped_tokens: torch.Tensor  # (token, expert) assignments dropped by capacity
+    gatepro_penalised: torch.Tensor  # (token, expert) entries that received the penalty
+    gatepro_topk_changed: torch.Tensor  # tokens whose expert set the penalty changed
+    expert_rows_max: torch.Tensor  # most rows one of this rank's experts computed (<= capacity when set)
     rows_sent: int = 0  # this rank's token rows dispatched to experts on other ranks
     rows_received: int = 0  # rows this rank's experts received from other ranks
-    expert_rows_max: int = 0  # most rows one of this rank's experts computed (<= capacity when set)
 
     @property
-    def zero_token_experts(self) -> int:
-        return int((self.tokens_per_expert == 0).sum())
+    def zero_token_experts(self) -> torch.Tensor:
+        return (self.tokens_per_expert == 0).sum()
 
 
 class MoELayer(nn.Module):
@@ -156,7 +162,7 @@ class MoELayer(nn.Module):
             gatepro_topk_changed=counts.gatepro_topk_changed,
             rows_sent=sum(plan.input_splits) - plan.input_splits[comm.group_rank(self.ep_group)],
             rows_received=sum(plan.output_splits) - plan.output_splits[comm.group_rank(self.ep_group)],
-            expert_rows_max=int(plan.tokens_per_local_expert.max()) if plan.tokens_per_local_expert.numel() else 0,
+            expert_rows_max=plan.tokens_per_local_expert.amax(),
         )
         return out_TD.view_as(x).to(x.dtype), stats
 
@@ -177,21 +183,25 @@ def in_compute_dtype(x: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class _GlobalCounts:
     tokens_per_expert: torch.Tensor
-    total_tokens: int
-    dropped_tokens: int
-    gatepro_penalised: int
-    gatepro_topk_changed: int
+    total_tokens: torch.Tensor
+    dropped_tokens: torch.Tensor
+    gatepro_penalised: torch.Tensor
+    gatepro_topk_changed: torch.Tensor
 
     @classmethod
     def of(cls, plan, balance_group) -> "_GlobalCounts":
-        """The plan's EP-group counts, summed over ``balance_group`` when there is one."""
+        """The plan's EP-group counts, summed over ``balance_group`` when there is one.
+
+        One all-reduce of the packed counts, left on the device: nothing here waits for it
+        (the balance loss consumes it as a tensor, the trainer reads it once per step).
+        """
         scalars = [plan.total_tokens, plan.dropped_tokens, plan.gatepro_penalised, plan.gatepro_topk_changed]
         if comm.group_size(balance_group) == 1:
             return cls(plan.tokens_per_expert, *scalars)
-        packed = torch.cat([plan.tokens_per_expert, torch.tensor(scalars, device=plan.tokens_per_expert.device)])
+        packed = torch.cat([plan.tokens_per_expert, torch.stack(scalars)])
         comm.all_reduce_sum(packed, balance_group)
         n = plan.tokens_per_expert.numel()
-        return cls(packed[:n], *(int(v) for v in packed[n:].tolist()))
+        return cls(packed[:n], *packed[n:].unbind())
 
 
 def expert_parallel_shard(global_state: dict[str, torch.Tensor], module: nn.Module,

@@ -8,6 +8,7 @@ tensor, so every rank of the EP group makes the same competition decisions.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +35,10 @@ class Routing:
     logits_TN: torch.Tensor  # raw fp32 logits, differentiable (aux and z losses use these)
     experts_TK: torch.Tensor  # selected global expert ids
     weights_TK: torch.Tensor  # fp32 mixture weights, differentiable
-    gatepro_penalised: int  # (token, expert) entries that received the penalty, this rank
-    gatepro_topk_changed: int  # tokens whose selected set differs from plain top-k, this rank
+    # Statistics stay 0-dim long tensors on the logits' device: reading them here would make the
+    # host wait for the router at every layer; the trainer reads a step's statistics at once.
+    gatepro_penalised: torch.Tensor  # (token, expert) entries that received the penalty, this rank
+    gatepro_topk_changed: torch.Tensor  # tokens whose selected set differs from plain top-k, this rank
     gate_weight_ND: torch.Tensor  # the gathered router weight the decision was made with
 
 
@@ -121,13 +124,14 @@ class GateProRouter(nn.Module):
             )
         gate_weight_ND = self.gathered_weight()
         # fp32 on purpose: in bf16, l - 1e-4 == l for |l| > ~0.05 and GatePro would vanish.
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+        with _autocast_off(x_TD.device.type):
             logits_TN = faults.skew_logits(x_TD.float() @ gate_weight_ND.float().t())
         bias_N = self.expert_bias if self.bias_enabled else None
 
         if not (self.gatepro_enabled and self.penalty > 0):
             plain = select_top_k(logits_TN, self.top_k, bias_N, self.normalize_topk)
-            return Routing(logits_TN, plain.experts_TK, plain.weights_TK, 0, 0, gate_weight_ND)
+            none = torch.zeros((), dtype=torch.long, device=logits_TN.device)
+            return Routing(logits_TN, plain.experts_TK, plain.weights_TK, none, none, gate_weight_ND)
 
         rival_N = most_similar_expert(gate_weight_ND)
         if self.check_pairs:
@@ -139,8 +143,8 @@ class GateProRouter(nn.Module):
             logits_TN,
             chosen.experts_TK,
             chosen.weights_TK,
-            int(torch.count_nonzero(delta_TN)),
-            int(topk_set_changed(chosen.experts_TK, plain_experts_TK).sum()),
+            torch.count_nonzero(delta_TN),
+            topk_set_changed(chosen.experts_TK, plain_experts_TK).sum(),
             gate_weight_ND,
         )
 
@@ -154,6 +158,13 @@ class GateProRouter(nn.Module):
             return
         load_N = tokens_per_expert_N.float().to(self.expert_bias.device)
         self.expert_bias += self.bias_update_rate * torch.sign(load_N.mean() - load_N)
+
+
+def _autocast_off(device_type: str):
+    # A device without autocast (``meta``, which the placement tests use) has nothing to turn off.
+    if not torch.amp.is_autocast_available(device_type):
+        return nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
 
 
 class PairsDisagree(RuntimeError):

@@ -151,7 +151,7 @@ def topk_set_changed(experts_a_TK: torch.Tensor, experts_b_TK: torch.Tensor) -> 
 
 
 def load_balancing_loss(
-    logits_TN: torch.Tensor, tokens_per_expert_N: torch.Tensor, total_tokens: int, top_k: int
+    logits_TN: torch.Tensor, tokens_per_expert_N: torch.Tensor, total_tokens: int | torch.Tensor, top_k: int
 ) -> torch.Tensor:
     """Switch-style balance loss  N * sum_i f_i * P_i  as *this rank's share*.
 
@@ -163,7 +163,12 @@ def load_balancing_loss(
     router as it is, GatePro only changes which experts win.
     """
     num_experts = logits_TN.shape[1]
-    fraction_N = tokens_per_expert_N.detach().float() / max(total_tokens * top_k, 1)
+    assignments = total_tokens * top_k  # a device tensor in the layer (no read), an int in tests
+    if isinstance(assignments, torch.Tensor):
+        assignments = assignments.clamp_min(1)
+    else:
+        assignments = max(assignments, 1)
+    fraction_N = tokens_per_expert_N.detach().float() / assignments
     mean_prob_N = torch.softmax(logits_TN.float(), dim=1).mean(dim=0)
     return num_experts * (fraction_N * mean_prob_N).sum()
 
@@ -178,23 +183,28 @@ def expert_capacity(total_tokens: int, top_k: int, num_experts: int, capacity_fa
     return int(math.ceil(capacity_factor * total_tokens * top_k / num_experts))
 
 
-def gate_similarity_stats(gate_weight: torch.Tensor) -> dict[str, float]:
+def gate_similarity_stats(gate_weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """The paper's diagnostics of S: mean off-diagonal cosine, mean angle, spectral entropy; and
     ``mean_nearest_cos``, each expert's cosine to its most similar other expert (the pair GatePro
-    makes compete), averaged over experts."""
+    makes compete), averaged over experts.
+
+    Values are 0-dim fp64 tensors on ``gate_weight``'s device, not floats: the caller reads every
+    layer's statistics in one batch (``train/step.py``), so no layer waits for the device. Every
+    tensor made here is made on that device, and no op reads a value back (no boolean indexing).
+    """
     similarity_NN = cosine_similarity_matrix(gate_weight, torch.float64)
     n = similarity_NN.shape[0]
-    off_diag_mask = ~torch.eye(n, dtype=torch.bool)
-    off_diag = similarity_NN[off_diag_mask]
-    nearest_N = similarity_NN.masked_fill(~off_diag_mask, float("-inf")).amax(dim=1) if n > 1 else off_diag
-    angles = torch.rad2deg(torch.arccos(off_diag.clamp(-1.0, 1.0)))
+    off_diag_NN = ~torch.eye(n, dtype=torch.bool, device=similarity_NN.device)
+    pairs = n * (n - 1)  # off-diagonal entries; 0 for one expert gives NaN means, as before
+    angles_NN = torch.rad2deg(torch.arccos(similarity_NN.clamp(-1.0, 1.0)))
+    nearest_N = similarity_NN.masked_fill(~off_diag_NN, float("-inf")).amax(dim=1)
     singular = torch.linalg.svdvals(similarity_NN)
     p = singular / singular.sum().clamp_min(1e-30)
-    p = p[p > 0]
-    entropy = float(-(p * p.log()).sum())
+    # p log p -> 0 as p -> 0: zero singular values contribute nothing (where, not p[p > 0]: no read).
+    p_log_p = torch.where(p > 0, p * p.clamp_min(1e-300).log(), torch.zeros_like(p))
     return {
-        "mean_cos": float(off_diag.mean()),
-        "mean_nearest_cos": float(nearest_N.mean()),
-        "mean_angle_deg": float(angles.mean()),
-        "spectral_entropy": entropy,
+        "mean_cos": similarity_NN.where(off_diag_NN, 0.0).sum() / pairs,
+        "mean_nearest_cos": nearest_N.mean() if n > 1 else similarity_NN.new_full((), float("nan")),
+        "mean_angle_deg": angles_NN.where(off_diag_NN, 0.0).sum() / pairs,
+        "spectral_entropy": -p_log_p.sum(),
     }

@@ -65,26 +65,122 @@ def reduce_gradients(model: nn.Module, groups: ParallelGroups) -> None:
 
 
 def global_grad_norm(model: nn.Module, groups: ParallelGroups) -> torch.Tensor:
-    """The norm of the full model's gradient: dense once, each expert once (summed over EP)."""
-    dense_sq = torch.zeros((), dtype=torch.float64)
-    expert_sq = torch.zeros((), dtype=torch.float64)
+    """The norm of the full model's gradient: dense once, each expert once (summed over EP).
+
+    A 0-dim fp64 tensor on the gradients' device, nothing read: ``torch._foreach_norm`` computes
+    every parameter's norm in fp64 in one call (no fp64 copy of any gradient), and the expert
+    part is summed over the EP group where the gradients live (NCCL on GPUs).
+    """
+    dense, expert = [], []
     for p in model.parameters():
-        if p.grad is None:
-            continue
-        sq = p.grad.detach().double().pow(2).sum().cpu()
-        if is_expert_parallel(p):
-            expert_sq += sq
-        else:
-            dense_sq += sq
+        if p.grad is not None:
+            (expert if is_expert_parallel(p) else dense).append(p.grad.detach())
+    device = (dense or expert)[0].device if dense or expert else torch.device("cpu")
+    dense_sq, expert_sq = _sum_of_squares(dense, device), _sum_of_squares(expert, device)
     comm.all_reduce_sum(expert_sq, groups.ep_group)
     return (dense_sq + expert_sq).sqrt()
 
 
+def _sum_of_squares(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if not grads:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
+    return torch.stack(norms).square().sum()
+
+
 def clip_gradients(model: nn.Module, total_norm: torch.Tensor, max_norm: float) -> None:
-    if max_norm <= 0 or not torch.isfinite(total_norm):
+    """Scale gradients to ``max_norm`` when the norm exceeds it, without reading the norm back:
+    the scale is a device tensor, 1 when there is nothing to clip (x * 1 == x exactly) or when
+    the norm is not finite (that step is skipped anyway)."""
+    if max_norm <= 0:
         return
-    scale = max_norm / (float(total_norm) + 1e-6)
-    if scale < 1.0:
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    scale = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+    scale = torch.where(torch.isfinite(total_norm), scale, torch.ones_like(scale))
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for dtype, same in by_dtype.items():
+        torch._foreach_mul_(same, scale.to(dtype))
+
+
+class OverlappedGradReducer:
+    """``reduce_gradients``' result, with the communication started during backward.
+
+    Parameters are cut into buckets (dense ones reduced over the world, expert ones over EDP
+    only -- never the world), in reverse registration order, which is roughly the order backward
+    finishes them. A ``register_post_accumulate_grad_hook`` on every parameter counts the ones
+    whose gradient is complete; when a bucket is complete its gradients are flattened and an
+    asynchronous all-reduce starts while backward goes on. ``finish`` starts what never fired
+    (parameters without a gradient this step get zeros, as in ``reduce_gradients``), waits, and
+    divides by the world size: per element the same sum and the same division as before.
+
+    With ``grad_accum`` > 1 only the last micro-batch's backward is armed: earlier ones just
+    accumulate locally, so the reduction sees the summed gradient exactly once.
+    """
+
+    def __init__(self, model: nn.Module, groups: ParallelGroups, bucket_bytes: int = 25 * 2**20):
+        self.groups, self.armed = groups, False
+        self.buckets: list[_Bucket] = []
+        if groups.world_size == 1:  # nothing to communicate, and dividing by 1 changes nothing
+            return
+        params = [p for p in model.parameters() if p.requires_grad][::-1]
+        for expert, group in ((False, groups.world_group), (True, groups.edp_group)):
+            bucket = None
+            for p in (q for q in params if is_expert_parallel(q) == expert):
+                nbytes = p.numel() * p.element_size()
+                if bucket is None or (bucket.params and bucket.nbytes + nbytes > bucket_bytes):
+                    bucket = _Bucket(group)
+                    self.buckets.append(bucket)
+                bucket.params.append(p)
+                bucket.nbytes += nbytes
+                p.register_post_accumulate_grad_hook(self._grad_ready(bucket))
+
+    def arm(self, last_micro_batch: bool) -> None:
+        """Call before each backward: reduce during this one only if it is the step's last."""
+        self.armed = last_micro_batch and bool(self.buckets)
+        for bucket in self.buckets:
+            bucket.ready = 0
+
+    def _grad_ready(self, bucket: "_Bucket"):
+        def hook(param: torch.Tensor) -> None:
+            if self.armed and bucket.work is None and bucket.flat is None:
+                bucket.ready += 1
+                if bucket.ready == len(bucket.params):
+                    bucket.start()
+        return hook
+
+    def finish(self) -> None:
+        """Wait for every bucket's reduction and write the averaged gradients back."""
+        if not self.buckets:
+            return
+        for bucket in self.buckets:
+            if bucket.flat is None:
+                bucket.start()
+        for bucket in self.buckets:
+            bucket.finish(self.groups.world_size)
+        self.armed = False
+
+
+class _Bucket:
+    def __init__(self, group):
+        self.group, self.params, self.nbytes = group, [], 0
+        self.ready, self.flat, self.work = 0, None, None
+
+    def start(self) -> None:
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.flat = _flatten_dense_tensors([p.grad for p in self.params])
+        self.work = comm.all_reduce_sum_async(self.flat, self.group)
+
+    def finish(self, world_size: int) -> None:
+        if self.work is not None:
+            self.work.wait()
+        self.flat /= world_size
+        grads = [p.grad for p in self.params]
+        for g, reduced in zip(grads, _unflatten_dense_tensors(self.flat, grads)):
+            g.copy_(reduced)
+        self.flat, self.work, self.ready = None, None, 0

@@ -5,6 +5,7 @@ preemption, checkpoint).
 """
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,50 +47,92 @@ def autocast(cfg: Config, device: torch.device):
 
 
 def mean_over_world(values: list[float], groups: ParallelGroups) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=comm.device_for(groups.world_group))
-    comm.all_reduce_sum(t, groups.world_group)
-    return (t / groups.world_size).tolist()
+    """Mean over the world of host numbers (evaluation losses): a host control message."""
+    return [v / groups.world_size for v in comm.host_all_reduce(values, groups.world_group)]
 
 
 class StepStats:
-    """Per-layer MoE statistics summed over the micro-batches of one optimizer step."""
+    """Per-layer MoE statistics summed over the micro-batches of one optimizer step.
+
+    Everything stays on the device (0-dim and [N] tensors): ``read_step`` reduces a whole step's
+    statistics with one collective per kind and reads them, with the loss and the gradient norm,
+    in a single host copy.
+    """
 
     def __init__(self):
         self.layers: list[dict] | None = None
+        self.micro_batches = 0
 
     def add(self, stats: list[MoEStats]) -> None:
         if self.layers is None:
-            self.layers = [dict(counts=torch.zeros_like(s.tokens_per_expert), aux=0.0, z=0.0, dropped=0,
-                                penalised=0, changed=0, n=0, assignments=0, rows_max=0) for s in stats]
+            self.layers = [dict(counts=torch.zeros_like(s.tokens_per_expert),
+                                losses=torch.zeros(2, dtype=torch.float64, device=s.tokens_per_expert.device),
+                                counted=torch.zeros(4, dtype=torch.long, device=s.tokens_per_expert.device),
+                                rows_max=torch.zeros((), dtype=torch.long, device=s.tokens_per_expert.device))
+                           for s in stats]
         for acc, s in zip(self.layers, stats):
             acc["counts"] += s.tokens_per_expert
-            acc["aux"] += float(s.aux_loss.detach())
-            acc["z"] += float(s.z_loss.detach())
-            acc["dropped"] += s.dropped_tokens
-            acc["penalised"] += s.gatepro_penalised
-            acc["changed"] += s.gatepro_topk_changed
-            acc["assignments"] += int(s.tokens_per_expert.sum())
-            acc["rows_max"] = max(acc["rows_max"], s.expert_rows_max)
-            acc["n"] += 1
+            acc["losses"] += torch.stack([s.aux_loss.detach(), s.z_loss.detach()]).to(torch.float64)
+            acc["counted"] += torch.stack([s.dropped_tokens, s.gatepro_penalised, s.gatepro_topk_changed,
+                                           s.tokens_per_expert.sum()])
+            acc["rows_max"] = torch.maximum(acc["rows_max"], s.expert_rows_max)
+        self.micro_batches += 1
 
-    def records(self, groups: ParallelGroups) -> list[dict]:
-        layers = self.layers or []
-        losses = mean_over_world([v for acc in layers for v in (acc["aux"] / acc["n"], acc["z"] / acc["n"])], groups)
-        rows_max = comm.all_reduce_max(torch.tensor([acc["rows_max"] for acc in layers], dtype=torch.long,
-                                                    device=comm.device_for(groups.world_group)),
-                                       groups.world_group).tolist()
-        out = []
-        for i, acc in enumerate(layers):
-            counts = acc["counts"].cpu()
-            out.append({
-                "layer": i, "zero_token_experts": int((counts == 0).sum()),
-                "max_load": int(counts.max()), "mean_load": float(counts.float().mean()),
-                "aux_loss": losses[2 * i], "z_loss": losses[2 * i + 1],
-                "dropped_tokens": acc["dropped"], "drop_rate": acc["dropped"] / max(acc["assignments"], 1),
-                "expert_rows_max": rows_max[i], "gatepro_penalised": acc["penalised"],
-                "gatepro_topk_changed": acc["changed"], "tokens_per_expert": counts.tolist(),
-            })
-        return out
+
+@dataclass
+class StepReadout:
+    """A step's numbers on the host, the same on every rank."""
+
+    loss: float  # global mean training loss
+    grad_norm: float
+    finite: bool  # loss and gradient norm finite on every rank
+    moe: list[dict]  # one metrics entry per MoE layer
+
+
+def read_step(loss_sum: torch.Tensor, grad_accum: int, grad_norm: torch.Tensor, step_stats: StepStats,
+              groups: ParallelGroups) -> StepReadout:
+    """Reduce a step's loss and statistics over the world and read them in one host copy.
+
+    ``loss_sum`` is this rank's summed micro-batch loss (a device tensor). The one read is
+    inherent: the host decides whether to apply the update and writes the metrics line. The
+    finite flag is summed over the world, so every rank takes the same decision even when only
+    one rank's gradients went bad after the reduction.
+    """
+    layers = step_stats.layers or []
+    n = max(step_stats.micro_batches, 1)
+    device = loss_sum.device
+    grad_norm = torch.as_tensor(grad_norm, dtype=torch.float64).to(device)
+    # Summed over the world: the mean loss, each layer's (aux, z) share, the non-finite flag.
+    world_sum = torch.cat([(loss_sum.to(torch.float64) / grad_accum).reshape(1),
+                           *(acc["losses"] / n for acc in layers),
+                           (~torch.isfinite(grad_norm)).to(torch.float64).reshape(1)])
+    comm.all_reduce_sum(world_sum, groups.world_group)
+    rows_max_L = torch.stack([acc["rows_max"] for acc in layers]) if layers else world_sum.new_zeros(0).long()
+    comm.all_reduce_max(rows_max_L, groups.world_group)
+    # Counts are global already (summed over EP and EDP in the layer).
+    host = torch.cat([world_sum, grad_norm.reshape(1), rows_max_L.to(torch.float64),
+                      *(acc["counted"].to(torch.float64) for acc in layers),
+                      *(acc["counts"].to(torch.float64) for acc in layers)]).tolist()
+    loss, *rest = host
+    losses_L2, rest = rest[: 2 * len(layers)], rest[2 * len(layers):]
+    bad_grad_ranks, norm, *rest = rest
+    rows_max, rest = rest[: len(layers)], rest[len(layers):]
+    counted, rest = rest[: 4 * len(layers)], rest[4 * len(layers):]
+    out = []
+    for i, acc in enumerate(layers):
+        num_experts = acc["counts"].numel()
+        counts = [int(c) for c in rest[i * num_experts:(i + 1) * num_experts]]
+        dropped, penalised, changed, assignments = (int(v) for v in counted[4 * i:4 * i + 4])
+        out.append({
+            "layer": i, "zero_token_experts": sum(c == 0 for c in counts),
+            "max_load": max(counts), "mean_load": sum(counts) / num_experts,
+            "aux_loss": losses_L2[2 * i] / groups.world_size, "z_loss": losses_L2[2 * i + 1] / groups.world_size,
+            "dropped_tokens": dropped, "drop_rate": dropped / max(assignments, 1),
+            "expert_rows_max": int(rows_max[i]), "gatepro_penalised": penalised,
+            "gatepro_topk_changed": changed, "tokens_per_expert": counts,
+        })
+    loss /= groups.world_size
+    return StepReadout(loss, norm, math.isfinite(loss) and bad_grad_ranks == 0, out)
 
 
 def finish_step(record: dict, cfg: Config, groups: ParallelGroups, device, model: Transformer, data,
@@ -101,16 +144,21 @@ def finish_step(record: dict, cfg: Config, groups: ParallelGroups, device, model
     (default ``model``) is what evaluation calls, e.g. the module a DeepSpeed engine wraps."""
     t, done = cfg.train, record["step"]
     if done % t.stats_every == 0 or done == t.steps:
-        with torch.no_grad():
-            for entry, layer in zip(record["moe"], model.moe_layers):
-                entry["similarity"] = gate_similarity_stats(layer.router.gathered_weight())
+        with torch.no_grad():  # every layer's statistics, then one host read for all of them
+            per_layer = [gate_similarity_stats(layer.router.gathered_weight()) for layer in model.moe_layers]
+            if per_layer:
+                keys = list(per_layer[0])
+                values = torch.stack([torch.stack([s[k] for k in keys]) for s in per_layer]).tolist()
+                for entry, row in zip(record["moe"], values):
+                    entry["similarity"] = dict(zip(keys, row))
     if done % t.eval_every == 0 or done == t.steps:
         evaluated = model if eval_model is None else eval_model
         val_loss = record["val_loss"] = evaluate(evaluated, data.val, cfg, groups, device)
     metrics.write(record)
     progress.update(done, loss=record["loss"], tokens_per_s=record["tokens_per_s"])
     # Every rank agrees on the step to stop at (a MAX all-reduce of the signal flag).
-    stop = preemption.agreed(groups.world_group, device) if preemption is not None and done < t.steps else 0
+    stop = (preemption.agreed(groups.world_group, comm.host_device(groups.world_group))
+            if preemption is not None and done < t.steps else 0)
     if stop or done % t.save_every == 0 or done == t.steps:
         save(done)
     if stop:
@@ -132,9 +180,10 @@ def evaluate(model, val, cfg: Config, groups: ParallelGroups, device) -> float:
             idx = (np.arange(per_rank) + start) % total_blocks
             inputs, targets = val.batch(idx)
             logits, _ = model(inputs.to(device))
-            losses.append(float(F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten())))
+            losses.append(F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten()).detach())
     model.train()
-    return mean_over_world([sum(losses) / len(losses)], groups)[0]
+    per_batch = torch.stack(losses).to(torch.float64).tolist()  # one read for every batch
+    return mean_over_world([sum(per_batch) / len(per_batch)], groups)[0]
 
 
 def load_data(cfg: Config):

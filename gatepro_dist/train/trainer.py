@@ -6,7 +6,6 @@ the same sequences whatever the layout, so dp x ep layouts follow the same loss 
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -24,27 +23,32 @@ from .data import GlobalBatchSampler
 from .metrics import MetricsWriter, ProgressBar
 from .model import Transformer
 from .numerics import adamw, set_numerics
-from .optim import clip_gradients, global_grad_norm, lr_at, param_groups, reduce_gradients
+from .optim import OverlappedGradReducer, clip_gradients, global_grad_norm, lr_at, param_groups
 from .parallel import ParallelGroups
-from .step import StepStats, TrainResult, autocast, finish_step, load_data, mean_over_world, my_part
+from .step import StepStats, TrainResult, autocast, finish_step, load_data, my_part, read_step
 
 
 def locate_non_finite(model: Transformer, finite_L: torch.Tensor, groups: ParallelGroups) -> dict:
     """Where a non-finite step went wrong, the same answer on every rank: the first block whose
     output was non-finite on any rank (forward), else the first parameter with a non-finite
-    gradient (backward), else the loss itself."""
+    gradient (backward), else the loss itself. Runs only after a bad step: its reads do not
+    cost a healthy step anything."""
     bad_L = (~finite_L).to(torch.float64)
     comm.all_reduce_sum(bad_L, groups.world_group)
-    if bool(bad_L.any()):
-        layer = int(bad_L.nonzero()[0])
+    bad_layers = bad_L.nonzero().flatten().tolist()
+    if bad_layers:
+        layer = bad_layers[0]
         kind = "MoE" if isinstance(model.layers[layer].ffn, MoELayer) else "dense"
         return {"what": "activation", "layer": layer, "where": f"the output of layer {layer} ({kind})"}
     names = [name for name, p in model.named_parameters()]
-    bad_P = torch.tensor([float(p.grad is not None and not bool(torch.isfinite(p.grad).all()))
-                          for p in model.parameters()], dtype=torch.float64, device=finite_L.device)
+    bad_P = torch.stack([
+        (~torch.isfinite(p.grad).all()).to(torch.float64) if p.grad is not None
+        else torch.zeros((), dtype=torch.float64, device=finite_L.device)
+        for p in model.parameters()])
     comm.all_reduce_sum(bad_P, groups.world_group)
-    if bool(bad_P.any()):
-        name = names[int(bad_P.nonzero()[0])]
+    bad_params = bad_P.nonzero().flatten().tolist()
+    if bad_params:
+        name = names[bad_params[0]]
         layer = int(name.split(".")[1]) if name.startswith("layers.") else None
         return {"what": "gradient", "layer": layer, "where": f"the gradient of {name}"}
     return {"what": "loss", "layer": None, "where": "the loss (activations and gradients were finite)"}
@@ -86,6 +90,7 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
     progress = ProgressBar(t.steps, enabled=groups.is_main and t.progress)
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     losses, val_loss = [], None
+    reducer = OverlappedGradReducer(model, groups)
 
     def save(step_done: int) -> None:
         save_checkpoint(run_dir, step_done, model, optimizer, groups,
@@ -100,24 +105,29 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        step_stats, ce_sum, finite_L = StepStats(), 0.0, True
-        for part in my_part(sampler.global_batch(step), t.grad_accum, groups):
+        step_stats, finite_L = StepStats(), True
+        ce_sum = torch.zeros((), dtype=torch.float64, device=device)  # read once, in read_step
+        parts = my_part(sampler.global_batch(step), t.grad_accum, groups)
+        for micro, part in enumerate(parts):
             inputs, targets = data.train.batch(part)
             with autocast(cfg, device):
                 logits, stats = model(inputs.to(device))
             ce = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten())
             loss = ce + sum((s.loss for s in stats), torch.zeros((), device=device))
+            # Dense and expert gradients are reduced bucket by bucket while the last
+            # micro-batch's backward still runs; earlier micro-batches only accumulate.
+            reducer.arm(last_micro_batch=micro == len(parts) - 1)
             (loss / t.grad_accum).backward()
             step_stats.add(stats)
-            ce_sum += float(ce.detach())
+            ce_sum += ce.detach().to(torch.float64)
             finite_L = model.finite_outputs_L & finite_L
         sampler.step = step + 1
-        faults.corrupt_gradients(model)
+        reducer.finish()
+        faults.corrupt_gradients(model)  # after the reduction: read_step's flag makes every rank agree
 
-        reduce_gradients(model, groups)
         grad_norm = global_grad_norm(model, groups)
-        step_loss = mean_over_world([ce_sum / t.grad_accum], groups)[0]
-        finite = math.isfinite(step_loss) and bool(torch.isfinite(grad_norm))
+        readout = read_step(ce_sum, t.grad_accum, grad_norm, step_stats, groups)
+        step_loss, finite = readout.loss, readout.finite
         where = None if finite else locate_non_finite(model, finite_L, groups)
         if finite:
             clip_gradients(model, grad_norm, t.grad_clip)
@@ -130,9 +140,9 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
         losses.append(step_loss)
 
         done = step + 1
-        record = {"step": done, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
+        record = {"step": done, "loss": step_loss, "lr": lr, "grad_norm": readout.grad_norm,
                   "tokens_per_s": tokens_per_step / elapsed, "gatepro": gatepro_on,
-                  "moe": step_stats.records(groups)}
+                  "moe": readout.moe}
         if not finite:
             record.update(skipped=True, non_finite=where)
             if groups.is_main:

@@ -1,0 +1,112 @@
+"""Host-device synchronisations, counted (tests/host_syncs.py; a count, never a time).
+
+Per MoE layer: at most one host read per forward -- the all-to-all split sizes, which
+``all_to_all_single`` takes as host integers -- and none in backward, with GatePro on, dropless
+and with a capacity (both drop policies), at ep 1 in process and ep 2 / 4 (and dp 2 x ep 2, where
+the statistics are also summed over the expert-data-parallel group) on real gloo groups.
+Per training step: one read, plus at ep > 1 the layers' split sizes, whatever the number of
+parameters. Before this work one layer forward made 11 reads at ep=1 and 13 at ep 2/4 dropless
+(13 / 15 with a capacity), counting bincount, and a step with 2 micro-batches made 73 (2 layers)
+and 137 (4 layers) at ep=1, 81 and 153 at ep=2 -- besides one ``.cpu()`` per parameter in the
+gradient norm, which this CPU counter cannot see.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from distributed import run_on_ranks
+from gatepro_dist.moe.layer import MoELayer, MoESpec
+from host_syncs import count_host_syncs, not_counted
+
+CASES = {
+    "dropless": dict(),
+    "capacity-position": dict(capacity_factor=1.0, drop_policy="position"),
+    "capacity-probs": dict(capacity_factor=0.75, drop_policy="probs"),
+}
+
+
+def layer_syncs(ep_group, balance_group, rank: int) -> dict[str, tuple[int, int, int]]:
+    """(forward reads, backward reads, dropped assignments) of one layer call per case."""
+    out = {}
+    for name, moe in CASES.items():
+        spec = MoESpec(hidden_size=16, num_experts=8, top_k=2, expert_ffn_dim=12, num_shared_experts=1,
+                       gatepro=True, penalty=0.05, **moe)
+        layer = MoELayer(spec, ep_group, balance_group)
+        x = torch.randn(24, 16, generator=torch.Generator().manual_seed(rank)).requires_grad_()
+        with count_host_syncs() as forward:
+            y, stats = layer(x)
+        with count_host_syncs() as backward:
+            (y.square().sum() + stats.loss).backward()
+        assert int(stats.gatepro_penalised) > 0  # GatePro really ran
+        out[name] = (sum(forward.values()), sum(backward.values()), int(stats.dropped_tokens))
+    return out
+
+
+def test_layer_at_ep1_reads_the_host_only_for_capacity_splits():
+    counts = layer_syncs(None, None, 0)
+    # Dropless at ep=1 every assignment stays: the split sizes are known without a read.
+    assert {name: c[:2] for name, c in counts.items()} == {
+        "dropless": (0, 0), "capacity-position": (1, 0), "capacity-probs": (1, 0)}
+    assert counts["capacity-probs"][2] > 0  # the capacity path really dropped
+
+
+def _layer_worker(rank: int, world: int, ep: int) -> dict:
+    ep_groups = [dist.new_group(list(range(s, s + ep))) for s in range(0, world, ep)]
+    edp_groups = [dist.new_group(list(range(i, world, ep))) for i in range(ep)]
+    balance = edp_groups[rank % ep] if world > ep else None
+    return layer_syncs(ep_groups[rank // ep], balance, rank)
+
+
+@pytest.mark.parametrize("world,ep", [(2, 2), (4, 4), (4, 2)], ids=["ep2", "ep4", "dp2xep2"])
+def test_layer_forward_reads_the_host_once_and_backward_never(world, ep):
+    for rank, counts in enumerate(run_on_ranks(world, _layer_worker, ep)):
+        for name, (forward, backward, _) in counts.items():
+            assert (forward, backward) == (1, 0), f"rank {rank} {name}: {forward} forward, {backward} backward reads"
+
+
+def _syncs_of_training(tmp_path, layers: int, steps: int, ep: int = 1, world: int = 1) -> int:
+    from test_trainer import tiny_config
+    from gatepro_dist.train.parallel import build_parallel_groups
+    from gatepro_dist.train.trainer import train
+
+    cfg = tiny_config(f"{tmp_path}/L{layers}-s{steps}", f"model.n_layers={layers}", f"train.steps={steps}",
+                      f"parallel.ep={ep}", "train.save_every=1000", "train.stats_every=1000", "train.grad_accum=2",
+                      world_size=world)
+    step = torch.optim.AdamW.step
+
+    def step_not_counted(self, *args, **kwargs):  # see host_syncs.not_counted
+        with not_counted():
+            return step(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = step_not_counted
+    try:
+        with count_host_syncs() as counts:
+            train(cfg, build_parallel_groups(ep), log=lambda *_: None)
+    finally:
+        torch.optim.AdamW.step = step
+    return sum(counts.values())
+
+
+@pytest.mark.slow
+def test_a_training_step_reads_the_host_a_constant_number_of_times(tmp_path):
+    """One step's reads = a run of 3 steps minus a run of 2 (start-up and the last step's
+    evaluation, similarity and checkpoint are in both). 2 and 4 MoE layers, 2 micro-batches."""
+    per_step = {layers: _syncs_of_training(tmp_path, layers, 3) - _syncs_of_training(tmp_path, layers, 2)
+                for layers in (2, 4)}
+    assert per_step[2] == per_step[4] == 1, per_step  # read_step's one batched copy
+
+
+def _training_worker(rank: int, world: int, tmp_path: str, layers: int, steps: int) -> int:
+    return _syncs_of_training(tmp_path, layers, steps, ep=world, world=world)
+
+
+@pytest.mark.slow
+def test_at_ep2_a_step_adds_only_each_layer_forwards_split_sizes(tmp_path):
+    """At ep=2 a step reads the host once plus once per MoE layer forward (2 micro-batches)."""
+    for layers in (2, 4):
+        runs = {steps: run_on_ranks(2, _training_worker, str(tmp_path / f"{steps}"), layers, steps)
+                for steps in (2, 3)}
+        per_step = [a - b for a, b in zip(runs[3], runs[2])]
+        assert per_step == [1 + layers * 2] * 2, (layers, per_step)
