@@ -62,6 +62,9 @@ def test_dp_ep_layouts_follow_the_same_loss_trajectory(tmp_path):
 
 
 def test_checkpoint_resumes_at_other_layouts_and_bit_for_bit_at_the_same(tmp_path):
+    """Saved at ep=2, resumed at ep=2 (bit for bit), at ep=1, and at ep=4, whose own checkpoint one
+    step later resumes at ep=2 again: 2 -> 4 and 4 -> 2 between two expert-parallel sizes, every
+    expert's rows landing on their new owner, the losses those of the uninterrupted run."""
     common = ["train.steps=5", "train.save_every=3"]
     full = run_training(2, tmp_path / "full", *common, "parallel.ep=2")
     saved = tmp_path / "full" / "checkpoints" / "step_00000003"
@@ -73,8 +76,15 @@ def test_checkpoint_resumes_at_other_layouts_and_bit_for_bit_at_the_same(tmp_pat
     assert same == full[3:], "resuming at the same layout must continue bit for bit"
     one = run_training(1, tmp_path / "one", *common, "parallel.ep=1", f"train.resume={saved}")
     assert_close_lists(one, full[3:])
-    four = run_training(4, tmp_path / "four", *common, "parallel.ep=2", f"train.resume={saved}")
+
+    four = run_training(4, tmp_path / "four", *common, "parallel.ep=4", "train.save_every=1",
+                        f"train.resume={saved}")
     assert_close_lists(four, full[3:])
+    saved_at_ep4 = tmp_path / "four" / "checkpoints" / "step_00000004"
+    manifest = json.loads((saved_at_ep4 / "manifest.json").read_text())
+    assert (manifest["step"], manifest["world_size"], manifest["ep"]) == (4, 4, 4)
+    back = run_training(2, tmp_path / "back", *common, "parallel.ep=2", f"train.resume={saved_at_ep4}")
+    assert_close_lists(back, full[4:])
 
 
 KILL_IN_SAVE = textwrap.dedent("""
