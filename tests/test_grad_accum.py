@@ -5,8 +5,7 @@ The load-balancing loss is left out (router.aux_loss_coef=0): it is computed per
 (f_i, the fraction of a micro-batch's assignments per expert, is not linear in the batch), as
 Megatron and DeepSpeed do, so with it on grad_accum=k is not one big batch by definition
 (measured: gradient norm 4e-4 relative apart after one step, weights 9e-3 apart after three,
-against 3e-6 without it). The z-loss, a mean over tokens,
-stays on: it splits exactly.
+against 3e-6 without it). The z-loss, a mean over tokens, stays on: it splits exactly.
 """
 from __future__ import annotations
 
