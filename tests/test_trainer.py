@@ -7,10 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-import pytest
-import torch.distributed as dist
 
 from distributed import run_on_ranks
 from gatepro_dist.train.checkpoint import latest_checkpoint
