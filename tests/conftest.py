@@ -53,8 +53,10 @@ def unexpected_skips() -> list[tuple[str, str]]:
 
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus):
-    if unexpected_skips() and session.exitstatus == 0:
-        session.exitstatus = 1
+    # 0 (all passed) and 5 (nothing ran: every module skipped) become 1 (tests failed); other
+    # failures keep their own code.
+    if unexpected_skips() and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
