@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 
 from gatepro_dist.experiments.bench.layer import HEADER
 from gatepro_dist.experiments.bench.vs_deepspeed import HEADER as VS_DEEPSPEED_HEADER
@@ -34,13 +33,13 @@ def test_layer_benchmark_quick_prints_the_table_and_the_gatepro_overhead():
 
 
 def test_layer_vs_deepspeed_quick_prints_both_sides_and_ends_with_the_speedup():
-    done = gatepro_bench("layer", "--compare", "deepspeed", "--quick", "--ep", "1,2")
-    if done.returncode == 2 and "needs DeepSpeed" in done.stderr:  # tests/run.sh installs it
-        pytest.skip(f"deepspeed is not importable here: {done.stderr.strip()}")
-    assert done.returncode == 0, done.stderr[-3000:]
+    # ep=2 only (the former ep=1,2 ran DeepSpeed-MoE a second time): the all-to-all on both sides.
+    # Given up: the ep=1 rows of this table (DeepSpeed's MoE at ep_size=1 runs in test_deepspeed_gate).
+    done = gatepro_bench("layer", "--compare", "deepspeed", "--quick", "--ep", "2")
+    assert done.returncode == 0, done.stderr[-3000:]  # tests/run.sh installs DeepSpeed: no skip
     lines = done.stdout.splitlines()
     assert VS_DEEPSPEED_HEADER in lines
-    for ep in (1, 2):
+    for ep in (2,):
         for row in ("ours plain top-k", "ours GatePro", "DeepSpeed top-k"):
             assert any(line.startswith(f"ep={ep} {row} ") for line in lines), (ep, row, done.stdout)
         assert any(line.strip().startswith(f"ep={ep} C=") for line in lines)  # DeepSpeed's padded capacity

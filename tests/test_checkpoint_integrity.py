@@ -150,10 +150,10 @@ cp -a "{mnt}/run" "{out}/run"
 def test_a_full_disk_during_a_save_fails_clearly_and_keeps_the_previous_checkpoint(tmp_path):
     if shutil.which("unshare") is None:
         pytest.skip("needs util-linux unshare to mount a small tmpfs in a private mount namespace")
-    # How much one checkpoint takes, measured on the real disk with the same model.
-    probe = tmp_path / "probe"
-    run_training(2, probe, "train.steps=2", *SAVE, "parallel.ep=2")
-    one = sum(p.stat().st_size for p in checkpoint(probe, 2).iterdir())
+    # The run on a roomy disk: how much one checkpoint takes, and the losses to continue to.
+    reference_dir = tmp_path / "reference"
+    reference = run_training(2, reference_dir, "train.steps=6", *SAVE, "parallel.ep=2")
+    one = sum(p.stat().st_size for p in checkpoint(reference_dir, 2).iterdir())
     size_kb = (one * 3 // 2 + 256 * 1024) // 1024  # room for one checkpoint and the logs, not two
 
     mnt, out = tmp_path / "mnt", tmp_path / "out"
@@ -190,6 +190,5 @@ def test_a_full_disk_during_a_save_fails_clearly_and_keeps_the_previous_checkpoi
     assert find_damage(checkpoint(run, 2), single_process_groups()) is None
 
     # The kept checkpoint is the real thing: resuming it (on a roomy disk) continues exactly.
-    reference = run_training(2, tmp_path / "reference", "train.steps=6", *SAVE, "parallel.ep=2")
     run_training(2, run, "train.steps=6", *SAVE, "parallel.ep=2", "train.resume=auto")
     assert_close_lists(losses(run), reference, rel=1e-6)

@@ -24,7 +24,7 @@ from gatepro_dist.cluster.preemption import EXIT_LOST_RANK
 from launch_helpers import losses
 from test_launch_faults import start_ranks
 
-STEPS, SAVE_EVERY, TIMEOUT_S, TRIALS = 6, 2, 30, 10
+STEPS, SAVE_EVERY, TIMEOUT_S = 6, 2, 30
 RUN = [f"train.steps={STEPS}", f"train.save_every={SAVE_EVERY}", f"parallel.timeout_s={TIMEOUT_S}"]
 # How often each point is reached in one step of the tiny model (2 MoE layers, ep=2):
 # a forward point per block, 2 all-to-alls per layer forward and 2 backward.
@@ -39,6 +39,17 @@ def trial(seed: int) -> dict:
     saves = list(range(SAVE_EVERY, STEPS + 1, SAVE_EVERY))
     step = rng.choice(saves) if at == "checkpoint" else rng.randint(1, STEPS)
     return dict(at=at, step=step, rank=rank, hit=rng.randint(1, HITS[at]))
+
+
+# Four trials (8-12 s each on 2 cores): each kill point once, each rank twice. Trial `seed` kills at
+# point seed % 4 on rank (seed // 4) % 2, so 0, 5, 2, 7 give forward/rank 0, all_to_all/rank 1,
+# optimizer/rank 0, checkpoint/rank 1. Given up against the former ten trials: a kill at the
+# forward or the optimizer step of rank 1, at the all-to-all or the checkpoint write of rank 0
+# (rank 0 killed inside a save is left to test_trainer's SIGKILL during dcp.save, one process),
+# and second draws of step and hit for each point.
+SEEDS = [0, 5, 2, 7]
+assert sorted((trial(s)["at"], trial(s)["rank"]) for s in SEEDS) == sorted(
+    [("forward", 0), ("all_to_all", 1), ("optimizer", 0), ("checkpoint", 1)])
 
 
 def run_to_end(run_dir, *extra, env_extra=None):
@@ -59,7 +70,7 @@ def uninterrupted() -> tuple[float, ...]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(TRIALS))
+@pytest.mark.parametrize("seed", SEEDS)
 def test_sigkill_one_rank_then_resume_gives_the_uninterrupted_losses(tmp_path, seed):
     plan = trial(seed)
     spec = "kill:" + ",".join(f"{k}={v}" for k, v in plan.items())

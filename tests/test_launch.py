@@ -4,6 +4,7 @@ rendezvous address."""
 from __future__ import annotations
 
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -81,19 +82,46 @@ def test_inconsistent_launcher_variables_are_a_one_line_error(env):
 def test_slurm_host_lists_and_task_counts():
     assert expand_hostlist("gpu[07-09,11],login1") == ["gpu07", "gpu08", "gpu09", "gpu11", "login1"]
     assert expand_hostlist("a[1-2]-ib,b") == ["a1-ib", "a2-ib", "b"]
+    assert expand_hostlist("r[1-2]n[3-4]") == ["r1n3", "r1n4", "r2n3", "r2n4"]
     assert [tasks_on_node("2(x3),1", i) for i in range(4)] == [2, 2, 2, 1]
     assert tasks_on_node("8", 0) == 8 and tasks_on_node("8", 1) is None
 
 
-def test_head_node_comes_from_scontrol_then_the_node_list_then_the_launch_address():
-    def scontrol(cmd, **_):
-        assert cmd[:3] == ["scontrol", "show", "hostnames"]
-        return subprocess.CompletedProcess(cmd, 0, stdout="gpu07\ngpu08\n")
+HOSTLISTS = ["gpu[07-08]", "gpu[07-09,11],login1", "n[001-003],head", "r[1-2]n[3-4]", "r[1-2]n[3,5],x[01-02]"]
+
+
+@pytest.fixture
+def slurm_conf(tmp_path, monkeypatch):
+    """The real scontrol (Debian slurm-wlm) needs a slurm.conf to start, not a running cluster."""
+    if shutil.which("scontrol") is None:  # tests/run.sh installs Slurm: fail, do not skip
+        pytest.fail("scontrol is not installed (bash launch/local_slurm.sh install)")
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=hostlist\nSlurmctldHost=localhost\n"
+                    "NodeName=localhost CPUs=1 State=UNKNOWN\nPartitionName=debug Nodes=localhost Default=YES\n")
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    return conf
+
+
+@pytest.mark.parametrize("nodelist", HOSTLISTS)
+def test_host_lists_expand_as_scontrol_expands_them(slurm_conf, nodelist):
+    real = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+    assert real.returncode == 0, real.stderr
+    assert expand_hostlist(nodelist) == real.stdout.split()
+
+
+def test_head_node_comes_from_scontrol_then_the_node_list_then_the_launch_address(slurm_conf):
+    calls = []
+
+    def real_scontrol(cmd, **kwargs):  # the real command, recorded so the test knows it answered
+        done = subprocess.run(cmd, **kwargs)
+        calls.append((cmd, done.returncode))
+        return done
 
     def missing(cmd, **_):
         raise FileNotFoundError(cmd[0])
 
-    assert slurm_head_node(SRUN_STEP, run=scontrol) == "gpu07"
+    assert slurm_head_node({**SRUN_STEP, "SLURM_STEP_NODELIST": "r[1-2]n[3-4]"}, run=real_scontrol) == "r1n3"
+    assert calls == [(["scontrol", "show", "hostnames", "r[1-2]n[3-4]"], 0)]
     assert slurm_head_node({"SLURM_JOB_NODELIST": "n[3-4]"}, run=missing) == "n3"
     assert slurm_head_node({"SLURM_LAUNCH_NODE_IPADDR": "10.0.0.9"}, run=missing) == "10.0.0.9"
 
@@ -160,11 +188,16 @@ def test_torchrun_script_multi_node_uses_c10d_on_master_addr():
 
 
 def test_mpirun_script_runs_every_rank_without_pinning_and_as_root():
+    # The Open MPI wheel (the `mpi` extra, installed by tests/run.sh) is first on clean_env's PATH.
+    version = run(["mpirun", "--version"], clean_env(), timeout=60)
+    assert "Open MPI" in version.stdout, version.stdout + version.stderr
     cmd = dry_run("launch/mpirun.sh", "configs/quickstart.yaml", NP="4")
     assert cmd[cmd.index("-n") + 1] == "4"
-    if "--bind-to" in cmd:  # Open MPI
-        assert cmd[cmd.index("--bind-to") + 1] == "none"
+    assert cmd[cmd.index("--bind-to") + 1] == "none" and "--oversubscribe" in cmd
     assert cmd[-2:] == ["gatepro_dist.cli.train", "configs/quickstart.yaml"]
+    # A launcher that is not Open MPI (`false --version` says nothing) gets none of its flags.
+    other = dry_run("launch/mpirun.sh", "configs/quickstart.yaml", NP="4", MPIRUN="false")
+    assert other[:3] == ["false", "-n", "4"] and "--bind-to" not in other and "--oversubscribe" not in other
 
 
 def test_docker_entrypoint_maps_container_variables_to_torchrun():
@@ -220,8 +253,6 @@ def test_dockerfile_uses_a_cuda_pytorch_base_and_installs_every_extra():
 
 
 def test_docker_compose_config_accepts_the_file(tmp_path):
-    import shutil
-
     docker = shutil.which("docker")
     if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
         pytest.skip("no `docker compose` on this machine (only the YAML checks above ran)")

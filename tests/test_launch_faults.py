@@ -14,8 +14,8 @@ import pytest
 
 from gatepro_dist.train.checkpoint import latest_checkpoint
 from gatepro_dist.cluster.preemption import EXIT_LOST_RANK, EXIT_PREEMPTED
-from launch_helpers import REPO, clean_env, steps_done, train_args
-from test_trainer import run_training
+from launch_helpers import REPO, clean_env, losses, steps_done, train_args
+from test_trainer import assert_close_lists, run_training
 
 LONG = 400  # steps: far more than a test waits for
 
@@ -126,7 +126,11 @@ def test_a_rank_that_stops_answering_is_reported_after_parallel_timeout_s(tmp_pa
 @pytest.mark.slow
 def test_sigusr1_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path):
     run_dir, marker = tmp_path / "run", tmp_path / "preempted"
-    procs = start_ranks(run_dir, f"train.steps={LONG}", env_extra={"GATEPRO_PREEMPTED_MARKER": str(marker)})
+    # Constant lr after warmup (min_lr_ratio=1): the lr of a step does not depend on train.steps, so
+    # the preempted 400-step run and a short uninterrupted run follow the same trajectory.
+    constant_lr = "train.min_lr_ratio=1"
+    procs = start_ranks(run_dir, f"train.steps={LONG}", constant_lr,
+                        env_extra={"GATEPRO_PREEMPTED_MARKER": str(marker)})
     wait_for_steps(run_dir, 2, procs)
     procs[1].send_signal(signal.SIGUSR1)  # only rank 1 hears it; rank 0 learns at the step boundary
     results = [finish(p, timeout=120) for p in procs]
@@ -137,9 +141,14 @@ def test_sigusr1_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
     assert marker.read_text().split() == [str(step), str(checkpoint)]
     assert f"preempted by SIGUSR1 after step {step}" in results[0][2]
 
-    # The checkpoint is complete: one process picks it up (resharded to ep=1) and goes on.
-    resumed = run_training(1, run_dir, f"train.steps={step + 2}", "train.resume=auto")
-    assert len(resumed) == 2 and steps_done(run_dir) == step + 2
+    # The checkpoint is complete: one process picks it up (resharded to ep=1) and goes on exactly as
+    # an uninterrupted run would (other layout, so equal to float rounding, not bit for bit).
+    resumed = run_training(1, run_dir, f"train.steps={step + 2}", constant_lr, "train.resume=auto")
+    uninterrupted = run_training(1, tmp_path / "uninterrupted", f"train.steps={step + 2}", constant_lr,
+                                 "train.eval_batches=1", "train.save_every=1000")
+    assert steps_done(run_dir) == step + 2
+    assert_close_lists(resumed, uninterrupted[step:])
+    assert_close_lists(losses(run_dir), uninterrupted)  # metrics.jsonl: the preempted steps, then these
 
 
 def test_the_signal_handler_only_records_the_first_signal_and_restores_the_old_one():

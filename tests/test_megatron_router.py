@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from gatepro_dist.integrations.megatron_router import GateProTopKRouter, gatepro_moe_module_spec, use_gatepro_router
 from gatepro_dist.moe.router import GateProRouter
+from gatepro_dist.moe.routing import load_balancing_loss, router_z_loss
 
 D, N = 16, 8
 
@@ -52,11 +53,14 @@ def _route(router, x_SBD):
 @pytest.mark.parametrize("top_k, pre_softmax", [(1, True), (2, False), (2, True), (4, False)])
 @pytest.mark.parametrize("training", [False, True])
 def test_megatron_routing_with_gatepro_equals_our_router(process_groups, top_k, pre_softmax, training):
-    """Same routing map (bool, exactly k per token) and probabilities; training adds aux and z losses.
+    """Same routing map (bool, exactly k per token) and probabilities; training logs aux and z losses equal
+    to ours on the penalised logits, eval logs none.
 
     Megatron's pre-softmax probabilities (required for k=1) are our normalize_topk=False; its
     default, softmax over the selected k, is our normalize_topk=True.
     """
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
     penalty = 0.05
     extra = {"moe_aux_loss_coeff": 0.01, "moe_z_loss_coeff": 1e-3} if training else {"moe_aux_loss_coeff": 0.0}
     router = GateProTopKRouter(_config(top_k, moe_router_pre_softmax=pre_softmax, **extra), process_groups,
@@ -69,6 +73,7 @@ def test_megatron_routing_with_gatepro_equals_our_router(process_groups, top_k, 
         ours.weight.copy_(router.weight)
 
     x = _tokens()
+    clear_aux_losses_tracker()
     probs_TN, routing_map_TN = _route(router, x)
     expected = ours(x.reshape(-1, D))
     expected_probs_TN = torch.zeros(x.shape[0] * x.shape[1], N).scatter(1, expected.experts_TK, expected.weights_TK)
@@ -78,19 +83,44 @@ def test_megatron_routing_with_gatepro_equals_our_router(process_groups, top_k, 
     if top_k > 1:
         assert expected.gatepro_topk_changed > 0  # the penalty really changed some choices
 
+    # The losses Megatron logs (per unit coefficient): what our pure functions give on the penalised
+    # logits (Megatron computes them inside routing, after GatePro: see megatron_router.py), and
+    # nothing at all in eval mode.
+    tracked = {name: float(entry["values"][0]) for name, entry in get_moe_layer_wise_logging_tracker().items()}
+    if not training:
+        assert not any(tracked.values()), tracked
+        return
+    penalised_TN = router.penalised_logits(x.float() @ router.weight.float().t()).reshape(-1, N)
+    counts_N = torch.zeros(N).scatter_add_(0, penalised_TN.topk(top_k, dim=1).indices.flatten(),
+                                           torch.ones(penalised_TN.shape[0] * top_k))
+    aux = float(load_balancing_loss(penalised_TN, counts_N, penalised_TN.shape[0], top_k))
+    z = float(router_z_loss(penalised_TN))
+    assert tracked["load_balancing_loss"] == pytest.approx(aux, rel=1e-6)
+    assert tracked["z_loss"] == pytest.approx(z, rel=1e-6)
+    raw_TN = x.reshape(-1, D) @ router.weight.t()  # the penalty moves z by more than the tolerance
+    assert abs(float(router_z_loss(raw_TN)) - z) > 1e-4 * z
 
-def test_penalty_zero_or_switched_off_is_megatrons_router(process_groups):
-    from megatron.core.transformer.moe.router import TopKRouter
 
-    plain = TopKRouter(_config(), process_groups)
+def test_penalty_zero_or_switched_off_is_plain_top_k_then_softmax_over_k(process_groups):
+    """Off, or at penalty 0, the router is Megatron's top-k with softmax over the k chosen: checked
+    against that top-k written here, and on tokens where GatePro on (0.05) routes differently."""
     gatepro = GateProTopKRouter(_config(), process_groups, penalty=0.0)
     with torch.no_grad():
-        gatepro.weight.copy_(plain.weight)
+        gatepro.weight.copy_(torch.randn(N, D, generator=torch.Generator().manual_seed(5)) * 0.15)
     x = _tokens(1)
-    expected = _route(plain, x)
-    for got in (_route(gatepro, x), (setattr(gatepro, "penalty", 0.05), setattr(gatepro, "gatepro_enabled", False),
-                                     _route(gatepro, x))[-1]):
-        assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0])
+    logits_TN = (x @ gatepro.weight.t()).reshape(-1, N)
+    top = logits_TN.topk(2, dim=1)
+    expected_map = torch.zeros(logits_TN.shape, dtype=torch.bool).scatter(1, top.indices, True)
+    expected_probs = torch.zeros(logits_TN.shape).scatter(1, top.indices, torch.softmax(top.values, dim=1))
+    assert torch.equal(gatepro.penalised_logits(logits_TN), logits_TN)  # delta is exactly 0 at penalty 0
+
+    for penalty, enabled in [(0.0, True), (0.05, False)]:
+        gatepro.penalty, gatepro.gatepro_enabled = penalty, enabled
+        probs_TN, map_TN = _route(gatepro, x)
+        assert torch.equal(map_TN, expected_map), (penalty, enabled)
+        torch.testing.assert_close(probs_TN, expected_probs, rtol=1e-6, atol=1e-7)
+    gatepro.gatepro_enabled = True
+    assert not torch.equal(_route(gatepro, x)[1], expected_map)  # the switch really switches
 
 
 def test_penalised_logits_stay_fp32_for_bf16_logits(process_groups):

@@ -137,37 +137,29 @@ def test_missing_tensorboard_is_one_info_line_not_an_error(tmp_path, caplog, mon
     assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 2.0}]
 
 
-def test_tensorboard_gets_flattened_scalars_and_is_purged_on_resume(tmp_path, monkeypatch):
-    # tensorboard is not installed here; a stand-in SummaryWriter records what it is given.
-    import types
+def test_tensorboard_gets_flattened_scalars_and_is_purged_on_resume(tmp_path):
+    """The real SummaryWriter (tests/run.sh installs tensorboard), read back from its event files:
+    a resume from step 3 drops the killed run's events from step 3 on, and its new ones replace them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    writers = []
-
-    class RecordingSummaryWriter:
-        def __init__(self, log_dir, purge_step=None):
-            self.log_dir, self.purge_step, self.scalars = log_dir, purge_step, []
-            writers.append(self)
-
-        def add_scalar(self, tag, value, global_step):
-            self.scalars.append((tag, value, global_step))
-
-        def flush(self):
-            pass
-
-        def close(self):
-            pass
-
-    module = types.ModuleType("torch.utils.tensorboard")
-    module.SummaryWriter = RecordingSummaryWriter
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
-    record = synthetic_records(num_steps=1)[0]
+    first = synthetic_records(num_steps=4)
+    again = [dict(r, loss=r["loss"] + 100.0) for r in first[2:]]  # the resumed run's steps 3 and 4
     with MetricsWriter(tmp_path, enabled=True, tensorboard=True) as writer:
-        writer.write(record)
-        writer.truncate_after(1)
-    assert writers[0].log_dir == str(tmp_path / "tensorboard")
-    assert ("loss", record["loss"], 1) in writers[0].scalars
-    assert ("moe/1/zero_token_experts", record["moe"][1]["zero_token_experts"], 1) in writers[0].scalars
-    assert writers[1].purge_step == 1  # events from the resume step on are dropped
+        for record in first:
+            writer.write(record)
+        writer.truncate_after(3)
+        for record in again:
+            writer.write(record)
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"), purge_orphaned_data=True)
+    events.Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("loss")]
+    expected = [(r["step"], r["loss"]) for r in [*first[:2], *again]]
+    assert [step for step, _ in loss] == [1, 2, 3, 4]
+    assert [value for _, value in loss] == pytest.approx([value for _, value in expected], rel=1e-6)
+    zero = [(e.step, e.value) for e in events.Scalars("moe/1/zero_token_experts")]
+    assert zero == [(r["step"], r["moe"][1]["zero_token_experts"]) for r in first]
+    assert read_metrics(tmp_path / "metrics.jsonl") == [*first[:2], *again]
 
 
 def test_flatten_scalars_names_per_layer_fields():

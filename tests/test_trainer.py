@@ -7,10 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-import pytest
-import torch.distributed as dist
 
 from distributed import run_on_ranks
 from gatepro_dist.train.checkpoint import latest_checkpoint
@@ -62,6 +59,9 @@ def test_dp_ep_layouts_follow_the_same_loss_trajectory(tmp_path):
 
 
 def test_checkpoint_resumes_at_other_layouts_and_bit_for_bit_at_the_same(tmp_path):
+    """Saved at ep=2, resumed at ep=2 (bit for bit), at ep=1, and at ep=4, whose own checkpoint one
+    step later resumes at ep=2 again: 2 -> 4 and 4 -> 2 between two expert-parallel sizes, every
+    expert's rows landing on their new owner, the losses those of the uninterrupted run."""
     common = ["train.steps=5", "train.save_every=3"]
     full = run_training(2, tmp_path / "full", *common, "parallel.ep=2")
     saved = tmp_path / "full" / "checkpoints" / "step_00000003"
@@ -73,8 +73,15 @@ def test_checkpoint_resumes_at_other_layouts_and_bit_for_bit_at_the_same(tmp_pat
     assert same == full[3:], "resuming at the same layout must continue bit for bit"
     one = run_training(1, tmp_path / "one", *common, "parallel.ep=1", f"train.resume={saved}")
     assert_close_lists(one, full[3:])
-    four = run_training(4, tmp_path / "four", *common, "parallel.ep=2", f"train.resume={saved}")
+
+    four = run_training(4, tmp_path / "four", *common, "parallel.ep=4", "train.save_every=1",
+                        f"train.resume={saved}")
     assert_close_lists(four, full[3:])
+    saved_at_ep4 = tmp_path / "four" / "checkpoints" / "step_00000004"
+    manifest = json.loads((saved_at_ep4 / "manifest.json").read_text())
+    assert (manifest["step"], manifest["world_size"], manifest["ep"]) == (4, 4, 4)
+    back = run_training(2, tmp_path / "back", *common, "parallel.ep=2", f"train.resume={saved_at_ep4}")
+    assert_close_lists(back, full[4:])
 
 
 KILL_IN_SAVE = textwrap.dedent("""
@@ -103,9 +110,11 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     assert (run_dir / "checkpoints" / "step_00000004.partial").is_dir()
     assert not (run_dir / "checkpoints" / "step_00000004").exists()
     resumed = run_training(1, run_dir, "train.steps=6", "train.save_every=2", "train.resume=auto")
-    assert len(resumed) == 4  # steps 3..6
+    uninterrupted = run_training(1, tmp_path / "uninterrupted", "train.steps=6", "train.save_every=2")
+    assert resumed == uninterrupted[2:]  # steps 3..6 from the step-2 checkpoint, bit for bit (same layout)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in records] == uninterrupted
 
 
 def test_gatepro_off_runs_the_baseline_with_the_same_metrics(tmp_path):

@@ -130,17 +130,28 @@ def detect_topology(environ: Optional[Mapping[str, str]] = None) -> Topology:
 
 
 def expand_hostlist(nodelist: str) -> list[str]:
-    """Slurm host list syntax without scontrol: 'gpu[01-03,7],login' -> gpu01 gpu02 gpu03 gpu7 login."""
-    hosts: list[str] = []
-    for m in re.finditer(r"([^,\[]+)(?:\[([^\]]*)\])?([^,]*)", nodelist):
-        prefix, ranges, suffix = m.group(1), m.group(2), m.group(3)
-        if ranges is None:
-            hosts.append(prefix + suffix)
-            continue
-        for item in ranges.split(","):
-            lo, _, hi = item.partition("-")
-            for i in range(int(lo), int(hi or lo) + 1):
-                hosts.append(f"{prefix}{str(i).zfill(len(lo))}{suffix}")
+    """Slurm host list syntax without scontrol: 'gpu[01-03,7],login' -> gpu01 gpu02 gpu03 gpu7 login;
+    several bracket groups in one name expand as scontrol does ('r[1-2]n[3-4]' -> r1n3 r1n4 r2n3 r2n4)."""
+    names, depth, start = [], 0, 0
+    for i, char in enumerate(nodelist + ","):
+        depth += (char == "[") - (char == "]")
+        if char == "," and depth == 0:
+            names.append(nodelist[start:i])
+            start = i + 1
+    return [host for name in names if name for host in _expand_name(name)]
+
+
+def _expand_name(name: str) -> list[str]:
+    m = re.match(r"([^\[]*)\[([^\]]*)\](.*)", name)
+    if m is None:
+        return [name]
+    prefix, ranges, rest = m.groups()
+    tails = _expand_name(rest)
+    hosts = []
+    for item in ranges.split(","):
+        lo, _, hi = item.partition("-")
+        for i in range(int(lo), int(hi or lo) + 1):
+            hosts.extend(f"{prefix}{str(i).zfill(len(lo))}{tail}" for tail in tails)
     return hosts
 
 
