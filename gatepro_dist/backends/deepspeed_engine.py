@@ -36,12 +36,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..config import Config
+from ..moe.router import is_expert_parallel
 from ..train.checkpoint import (CHECKPOINTS, FORMAT, LATEST, MANIFEST, TRAINER_STATE, CheckpointError, _write_json,
                           _write_text_atomic, file_checksums, read_manifest)
-from ..config import Config
 from ..train.optim import param_groups
 from ..train.parallel import ParallelGroups, build_parallel_groups
-from ..moe.router import is_expert_parallel
 from .deepspeed_config import deepspeed_config
 
 SUPPORTED_DEEPSPEED = ((0, 19), (0, 20))  # [low, high): the engine internals above were read at 0.19.8

@@ -13,16 +13,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..cluster.preemption import NonFiniteStop, PreemptionWatch
+from ..config import Config, config_hash
 from ..moe import comm
 from ..train.checkpoint import check_compatible, read_manifest, resolve_resume
-from ..config import Config, config_hash
 from ..train.data import GlobalBatchSampler
 from ..train.metrics import MetricsWriter, ProgressBar
-from ..train.numerics import set_numerics
 from ..train.model import Transformer
+from ..train.numerics import set_numerics
 from ..train.optim import clip_gradients, global_grad_norm, lr_at
 from ..train.parallel import ParallelGroups
-from ..cluster.preemption import NonFiniteStop, PreemptionWatch
 from ..train.step import StepStats, TrainResult, finish_step, load_data, my_part, read_step
 from .deepspeed_config import trainer_clips
 from .deepspeed_engine import (build_engine, ensure_process_group, import_deepspeed, load_deepspeed_checkpoint,

@@ -16,14 +16,14 @@ import sys
 import torch.distributed as dist
 
 from ..cluster import faults
-from ..train.checkpoint import CheckpointError, CheckpointSaveError, preflight_resume
-from ..config import ConfigError, help_text, load_config
-from ..config_checks import validate
-from ..train.data import DataError
 from ..cluster.preemption import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_LOST_RANK, EXIT_PREEMPTED, NonFiniteStop,
                           Preempted, PreemptionWatch, is_lost_contact, lost_contact_message)
 from ..cluster.topology import (TopologyError, complete_world, detect_topology, find_rendezvous, init_distributed,
                         rank_map)
+from ..config import ConfigError, help_text, load_config
+from ..config_checks import validate
+from ..train.checkpoint import CheckpointError, CheckpointSaveError, preflight_resume
+from ..train.data import DataError
 
 USAGE = """usage: gatepro-train [CONFIG.yaml] [key=value ...]
 

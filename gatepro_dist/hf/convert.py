@@ -23,9 +23,9 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from ..train.checkpoint import CHECKPOINTS, MANIFEST, latest_checkpoint, read_manifest, read_model_tensors, save_weights_only
 from ..config import Config, apply_overrides, config_from_dict, config_hash, flatten_keys, load_config
 from ..config_checks import validate
+from ..train.checkpoint import CHECKPOINTS, MANIFEST, latest_checkpoint, read_manifest, read_model_tensors, save_weights_only
 from .families import HFConversionError, check_exportable, family_named, family_of, gatepro_keys_from_hf, \
     hf_config_from_gatepro
 from .weights import SafetensorsDir, check_no_strays, hf_names, parse_size, plan, to_gatepro, to_hf, \

@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import comm
 from ..cluster import faults
+from . import comm
 from .routing import (
     check_penalty,
     check_top_k,

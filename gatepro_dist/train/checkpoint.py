@@ -36,8 +36,8 @@ from torch import nn
 
 from ..cluster import faults
 from ..config import Config, flatten_keys
-from .parallel import ParallelGroups, single_process_groups
 from ..moe.router import is_expert_parallel
+from .parallel import ParallelGroups, single_process_groups
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"

@@ -8,8 +8,8 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..moe import comm
-from .parallel import ParallelGroups
 from ..moe.router import is_expert_parallel
+from .parallel import ParallelGroups
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

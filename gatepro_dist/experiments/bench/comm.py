@@ -16,10 +16,10 @@ import sys
 import torch
 import torch.distributed as dist
 
+from ...cluster.spawn import run_on_ranks
 from ...moe import comm
 from ...moe.comm_model import ACTIVATION_BYTES, LayerComm
 from ...moe.layer import MoELayer, MoESpec
-from ...cluster.spawn import run_on_ranks
 
 
 def _measure(rank: int, world: int, args: dict) -> dict:

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from ...cluster import faults
-from ...moe.layer import MoELayer, MoESpec
 from ...cluster.spawn import run_on_ranks
+from ...moe.layer import MoELayer, MoESpec
 
 ROUNDS = 3
 
