@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..cluster.preemption import NonFiniteStop, PreemptionWatch
 from ..config import Config, config_hash
@@ -21,9 +20,10 @@ from ..train.data import GlobalBatchSampler
 from ..train.metrics import MetricsWriter, ProgressBar
 from ..train.model import Transformer
 from ..train.numerics import set_numerics
-from ..train.optim import clip_gradients, global_grad_norm, lr_at
+from ..train.optim import clip_gradients, global_grad_norm
 from ..train.parallel import ParallelGroups
-from ..train.step import StepStats, TrainResult, finish_step, load_data, my_part, read_step
+from ..train.step import (StepStats, TrainResult, begin_step, finish_step, load_data, micro_batch_loss, my_part,
+                          read_step)
 from .deepspeed_config import trainer_clips
 from .deepspeed_engine import (build_engine, ensure_process_group, import_deepspeed, load_deepspeed_checkpoint,
                                save_deepspeed_checkpoint)
@@ -81,20 +81,14 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
 
     for step in range(start, t.steps):
         began = time.perf_counter()
-        gatepro_on = cfg.router.gatepro.enabled_at(step)
-        model.set_gatepro(gatepro_on)
-        lr = lr_at(step, peak=t.lr, warmup=t.warmup_steps, total=t.steps, min_ratio=t.min_lr_ratio)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
+        gatepro_on, lr = begin_step(cfg, step, model, engine.optimizer)
 
         step_stats, grad_norm = StepStats(), None
         ce_sum = torch.zeros((), dtype=torch.float64, device=device)  # read once, in read_step
         parts = my_part(sampler.global_batch(step), t.grad_accum, groups)
         for micro, part in enumerate(parts):
             inputs, targets = data.train.batch(part)
-            logits, stats = engine(inputs.to(device))
-            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten())
-            loss = ce + sum((s.loss for s in stats), torch.zeros((), device=device))
+            ce, loss, stats = micro_batch_loss(engine, inputs.to(device), targets.to(device))
             if not _all_finite(loss, groups):
                 # The engine has already taken earlier micro-batches' gradients (ZeRO-2 reduces
                 # them as they arrive), so unlike the native trainer it cannot drop this step.

@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 DEFAULT_PENALTY = 1e-4
 # Cosines closer than this count as a tie (rows with the same direction differ by rounding only).

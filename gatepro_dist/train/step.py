@@ -23,6 +23,7 @@ from .checkpoint import latest_checkpoint
 from .data import build_data
 from .metrics import MetricsWriter, ProgressBar
 from .model import Transformer
+from .optim import lr_at
 from .parallel import ParallelGroups
 
 
@@ -44,6 +45,26 @@ def autocast(cfg: Config, device: torch.device):
     if cfg.train.dtype == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def begin_step(cfg: Config, step: int, model: Transformer, optimizer) -> tuple[bool, float]:
+    """GatePro's schedule and the learning rate of ``step`` (0-based), set on the model and the optimizer."""
+    t = cfg.train
+    gatepro_on = cfg.router.gatepro.enabled_at(step)
+    model.set_gatepro(gatepro_on)
+    lr = lr_at(step, peak=t.lr, warmup=t.warmup_steps, total=t.steps, min_ratio=t.min_lr_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return gatepro_on, lr
+
+
+def micro_batch_loss(forward, inputs_BS: torch.Tensor, targets_BS: torch.Tensor):
+    """``(cross-entropy, objective, MoE statistics)`` of one micro-batch: the objective adds every MoE
+    layer's weighted aux and z losses. ``forward`` is the model, the engine, or the model under autocast."""
+    logits_BSV, stats = forward(inputs_BS)
+    ce = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+    loss = ce + sum((s.loss for s in stats), torch.zeros((), device=ce.device))
+    return ce, loss, stats
 
 
 def mean_over_world(values: list[float], groups: ParallelGroups) -> list[float]:

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..cluster import faults
 from ..cluster.preemption import NonFiniteStop, PreemptionWatch
@@ -23,9 +22,10 @@ from .data import GlobalBatchSampler
 from .metrics import MetricsWriter, ProgressBar
 from .model import Transformer
 from .numerics import adamw, set_numerics
-from .optim import OverlappedGradReducer, clip_gradients, global_grad_norm, lr_at, param_groups
+from .optim import OverlappedGradReducer, clip_gradients, global_grad_norm, param_groups
 from .parallel import ParallelGroups
-from .step import StepStats, TrainResult, autocast, finish_step, load_data, my_part, read_step
+from .step import (StepStats, TrainResult, autocast, begin_step, finish_step, load_data, micro_batch_loss, my_part,
+                   read_step)
 
 
 def locate_non_finite(model: Transformer, finite_L: torch.Tensor, groups: ParallelGroups) -> dict:
@@ -96,24 +96,21 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
         save_checkpoint(run_dir, step_done, model, optimizer, groups,
                         {"step": step_done, "sampler": sampler.state_dict()}, cfg_dict, cfg_hash)
 
+    def forward(inputs_BS):
+        with autocast(cfg, device):  # the cross-entropy runs outside it, in fp32
+            return model(inputs_BS)
+
     for step in range(start, t.steps):
         began = time.perf_counter()
         faults.set_step(step + 1)
-        gatepro_on = cfg.router.gatepro.enabled_at(step)
-        model.set_gatepro(gatepro_on)
-        lr = lr_at(step, peak=t.lr, warmup=t.warmup_steps, total=t.steps, min_ratio=t.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        gatepro_on, lr = begin_step(cfg, step, model, optimizer)
 
         step_stats, finite_L = StepStats(), True
         ce_sum = torch.zeros((), dtype=torch.float64, device=device)  # read once, in read_step
         parts = my_part(sampler.global_batch(step), t.grad_accum, groups)
         for micro, part in enumerate(parts):
             inputs, targets = data.train.batch(part)
-            with autocast(cfg, device):
-                logits, stats = model(inputs.to(device))
-            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten())
-            loss = ce + sum((s.loss for s in stats), torch.zeros((), device=device))
+            ce, loss, stats = micro_batch_loss(forward, inputs.to(device), targets.to(device))
             # Dense and expert gradients are reduced bucket by bucket while the last
             # micro-batch's backward still runs; earlier micro-batches only accumulate.
             reducer.arm(last_micro_batch=micro == len(parts) - 1)
