@@ -113,7 +113,8 @@ class OverlappedGradReducer:
     only -- never the world), in reverse registration order, which is roughly the order backward
     finishes them. A ``register_post_accumulate_grad_hook`` on every parameter counts the ones
     whose gradient is complete; when a bucket is complete its gradients are flattened and an
-    asynchronous all-reduce starts while backward goes on. ``finish`` starts what never fired
+    asynchronous all-reduce starts while backward goes on (a blocking one on CPU: see
+    ``comm.all_reduce_sum_async``). ``finish`` starts what never fired
     (parameters without a gradient this step get zeros, as in ``reduce_gradients``), waits, and
     divides by the world size: per element the same sum and the same division as before.
 
