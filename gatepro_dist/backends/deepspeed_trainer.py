@@ -108,14 +108,11 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
         for layer, acc in zip(model.moe_layers, step_stats.layers or []):
             layer.router.update_bias(acc["counts"])
         readout = read_step(ce_sum, t.grad_accum, grad_norm, step_stats, groups)
-        step_loss = readout.loss
         elapsed = time.perf_counter() - began
-        losses.append(step_loss)
+        losses.append(readout.loss)
 
         done = step + 1
-        record = {"step": done, "loss": step_loss, "lr": lr, "grad_norm": readout.grad_norm,
-                  "tokens_per_s": tokens_per_step / elapsed, "gatepro": gatepro_on,
-                  "moe": readout.moe}
+        record = readout.record(done, lr, gatepro_on, tokens_per_step / elapsed)
         val_loss = finish_step(record, cfg, groups, device, model, data, metrics, progress, preemption,
                                save, run_dir, val_loss, eval_model=engine.module)
 

@@ -109,6 +109,11 @@ class StepReadout:
     finite: bool  # loss and gradient norm finite on every rank
     moe: list[dict]  # one metrics entry per MoE layer
 
+    def record(self, step_done: int, lr: float, gatepro_on: bool, tokens_per_s: float) -> dict:
+        """The step's metrics line (``metrics.jsonl``), the same for both engines."""
+        return {"step": step_done, "loss": self.loss, "lr": lr, "grad_norm": self.grad_norm,
+                "tokens_per_s": tokens_per_s, "gatepro": gatepro_on, "moe": self.moe}
+
 
 def read_step(loss_sum: torch.Tensor, grad_accum: int, grad_norm: torch.Tensor, step_stats: StepStats,
               groups: ParallelGroups) -> StepReadout:

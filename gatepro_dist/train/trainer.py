@@ -137,9 +137,7 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
         losses.append(step_loss)
 
         done = step + 1
-        record = {"step": done, "loss": step_loss, "lr": lr, "grad_norm": readout.grad_norm,
-                  "tokens_per_s": tokens_per_step / elapsed, "gatepro": gatepro_on,
-                  "moe": readout.moe}
+        record = readout.record(done, lr, gatepro_on, tokens_per_step / elapsed)
         if not finite:
             record.update(skipped=True, non_finite=where)
             if groups.is_main:
