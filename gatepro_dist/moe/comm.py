@@ -198,10 +198,8 @@ def host_all_reduce(values: list[float], group, op: str = "sum") -> list[float]:
     """Sum (or max) host numbers over ``group``, in fp64 host memory: a control message (see
     ``host_all_gather_ints``)."""
     local = torch.tensor(values, dtype=torch.float64, device=host_device(group))
-    if group_size(group) > 1:
-        _count("reduce", 2 * _nbytes(local) * (group_size(group) - 1) / group_size(group))
-        dist.all_reduce(local, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
-    return local.cpu().numpy().tolist()
+    reduce = all_reduce_max if op == "max" else all_reduce_sum
+    return reduce(local, group).cpu().numpy().tolist()
 
 
 def host_all_gather_ints(values: list[int], group) -> list[list[int]]:
@@ -214,24 +212,19 @@ def host_all_gather_ints(values: list[int], group) -> list[list[int]]:
     if group_size(group) == 1:
         return [list(values)]
     local_C = torch.tensor(values, dtype=torch.long, device=host_device(group))
-    gathered = local_C.new_empty(group_size(group) * local_C.numel())
-    _count("counts", _nbytes(local_C) * (group_size(group) - 1))
-    _all_gather_flat(gathered, local_C, group=group)
-    return gathered.cpu().numpy().reshape(group_size(group), -1).tolist()
+    return all_gather_counts(local_C, group).cpu().numpy().tolist()
 
 
 def all_reduce_sum_async(t: torch.Tensor, group):
     """Start an in-place sum over ``group`` and return its handle (None for a single rank):
     the caller keeps computing (the rest of backward) and waits only when it needs the sum."""
-    if group_size(group) == 1:
-        return None
-    _count("reduce", 2 * _nbytes(t) * (group_size(group) - 1) / group_size(group))
-    if t.device.type == "cpu":
+    if group_size(group) == 1 or t.device.type == "cpu":
         # gloo runs an async op on its own worker thread, which can still hold the tensor after
         # wait() returns; a rank that exits right after training then frees it during interpreter
         # shutdown and aborts ("terminate called without an active exception", seen once at the
         # end of a 300-step quickstart). On CPU gloo and backward share the same cores, so there
         # is little to overlap: reduce now. Device tensors (NCCL) keep the async path.
-        dist.all_reduce(t, group=group)
+        all_reduce_sum(t, group)
         return None
+    _count("reduce", 2 * _nbytes(t) * (group_size(group) - 1) / group_size(group))
     return dist.all_reduce(t, group=group, async_op=True)
