@@ -118,4 +118,5 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
 
     progress.close()
     metrics.close()
+    engine.destroy()  # its gradient hooks hold the engine and the model, and so our groups
     return TrainResult(t.steps, losses, val_loss, run_dir)

@@ -24,6 +24,7 @@ from ..config import ConfigError, help_text, load_config
 from ..config_checks import validate
 from ..train.checkpoint import CheckpointError, CheckpointSaveError, preflight_resume
 from ..train.data import DataError
+from ..train.parallel import build_parallel_groups, close_process_groups, exit_process
 
 USAGE = """usage: gatepro-train [CONFIG.yaml] [key=value ...]
 
@@ -61,13 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     preemption = PreemptionWatch().install()  # SIGTERM/SIGUSR1 now mean: checkpoint, then exit 75
     try:
         device = init_distributed(topology, cfg.parallel.backend, cfg.parallel.timeout_s)
-        return _run(cfg, topology, device, data, train, preemption)
+        code = _run(cfg, topology, device, data, train, preemption)
     except Preempted as stop:
-        return _preempted(stop, topology)
+        code = _preempted(stop, topology)
     except CheckpointError as err:  # e.g. every checkpoint damaged: found by all ranks together
-        return _stop(str(err), EXIT_BAD_INPUT, topology)
+        code = _stop(str(err), EXIT_BAD_INPUT, topology)
     except (CheckpointSaveError, NonFiniteStop) as err:
-        return _stop(str(err), EXIT_FAILED, topology)
+        code = _stop(str(err), EXIT_FAILED, topology)
     except Exception as err:
         if not is_lost_contact(err):
             raise
@@ -81,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gatepro-train: error: {message}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(EXIT_LOST_RANK)  # a broken gloo/NCCL group can block in its destructor: leave now
+    close_process_groups()  # every rank ended together; the model and groups of _run are gone
+    return code
 
 
 def _run(cfg, topology, device, data, train, preemption) -> int:
-    from ..train.parallel import build_parallel_groups
-
     groups = build_parallel_groups(cfg.parallel.ep, device.type)
     table = rank_map(topology, groups)
     if groups.is_main:
@@ -104,8 +105,6 @@ def _run(cfg, topology, device, data, train, preemption) -> int:
             val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
             print(f"gatepro-train: done: {result.steps_done} steps, final loss {result.losses[-1]:.4f}, "
                   f"val loss {val}; report: {report}", flush=True)
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0
 
 
@@ -113,8 +112,6 @@ def _stop(message: str, code: int, topology) -> int:
     """Every rank met the same failure; rank 0 says it once."""
     if topology.rank == 0:
         fail(message, code)
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return code
 
 
@@ -127,10 +124,13 @@ def _preempted(stop: Preempted, topology) -> int:
         if marker:
             with open(marker, "w") as fh:
                 fh.write(f"{stop.step} {stop.checkpoint}\n")
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return EXIT_PREEMPTED
 
 
+def run() -> None:
+    """The ``gatepro-train`` console script and ``python -m gatepro_dist.cli.train``."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -22,7 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..train.parallel import build_parallel_groups
+from ..train.parallel import build_parallel_groups, close_process_groups, exit_process
 from .topology import TopologyError, init_distributed, learn_topology
 
 ENV_PATTERN = re.compile(r"^(NCCL_|GLOO_|TORCH_NCCL_|TORCH_DISTRIBUTED|MASTER_ADDR$|MASTER_PORT$|WORLD_SIZE$"
@@ -214,10 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(report, fh, indent=1)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_process_groups()
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

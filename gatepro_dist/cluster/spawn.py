@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ..train.parallel import close_process_groups, exit_process, live_gloo_threads
+
 
 def _entry(rank, world_size, init_file, result_dir, threads, fn, args):
     torch.set_num_threads(threads)
@@ -22,7 +24,12 @@ def _entry(rank, world_size, init_file, result_dir, threads, fn, args):
         result = ("error", traceback.format_exc())
     with open(os.path.join(result_dir, f"{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
-    dist.destroy_process_group()
+    close_process_groups()
+    # The result is on disk. If gloo threads outlived the groups (in torch 2.13 importing
+    # torch.distributed._shard, which DCP imports, after init_process_group holds the default
+    # group; tests import inside workers), leave without the finalisation they can abort.
+    if live_gloo_threads():
+        exit_process(0)
 
 
 def run_on_ranks(world_size: int, fn, *args, threads: int = 1) -> list:

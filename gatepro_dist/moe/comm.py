@@ -219,11 +219,8 @@ def all_reduce_sum_async(t: torch.Tensor, group):
     """Start an in-place sum over ``group`` and return its handle (None for a single rank):
     the caller keeps computing (the rest of backward) and waits only when it needs the sum."""
     if group_size(group) == 1 or t.device.type == "cpu":
-        # gloo runs an async op on its own worker thread, which can still hold the tensor after
-        # wait() returns; a rank that exits right after training then frees it during interpreter
-        # shutdown and aborts ("terminate called without an active exception", seen once at the
-        # end of a 300-step quickstart). On CPU gloo and backward share the same cores, so there
-        # is little to overlap: reduce now. Device tensors (NCCL) keep the async path.
+        # On CPU gloo and backward share the same cores, so there is little to overlap: reduce
+        # now. Device tensors (NCCL) keep the async path.
         all_reduce_sum(t, group)
         return None
     _count("reduce", 2 * _nbytes(t) * (group_size(group) - 1) / group_size(group))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -120,6 +121,12 @@ class OverlappedGradReducer:
 
     With ``grad_accum`` > 1 only the last micro-batch's backward is armed: earlier ones just
     accumulate locally, so the reduction sees the summed gradient exactly once.
+
+    The hooks hold the reducer weakly. A hook is stored in the parameter's C++ autograd data,
+    which Python's garbage collector cannot see into: a strong reference would make a cycle
+    (parameter -> hook -> reducer -> bucket -> parameter) that is never freed, and with it the
+    process groups, whose gloo worker threads then outlive ``destroy_process_group`` and abort
+    the process at interpreter exit (``cluster.spawn`` and ``cli.train`` rely on this).
     """
 
     def __init__(self, model: nn.Module, groups: ParallelGroups, bucket_bytes: int = 25 * 2**20):
@@ -137,7 +144,7 @@ class OverlappedGradReducer:
                     self.buckets.append(bucket)
                 bucket.params.append(p)
                 bucket.nbytes += nbytes
-                p.register_post_accumulate_grad_hook(self._grad_ready(bucket))
+                p.register_post_accumulate_grad_hook(_grad_ready_hook(weakref.ref(self), len(self.buckets) - 1))
 
     def arm(self, last_micro_batch: bool) -> None:
         """Call before each backward: reduce during this one only if it is the step's last."""
@@ -145,13 +152,13 @@ class OverlappedGradReducer:
         for bucket in self.buckets:
             bucket.ready = 0
 
-    def _grad_ready(self, bucket: "_Bucket"):
-        def hook(param: torch.Tensor) -> None:
-            if self.armed and bucket.work is None and bucket.flat is None:
-                bucket.ready += 1
-                if bucket.ready == len(bucket.params):
-                    bucket.start()
-        return hook
+    def grad_ready(self, index: int) -> None:
+        """One more gradient of bucket ``index`` is complete; start its reduction when all are."""
+        bucket = self.buckets[index]
+        if self.armed and bucket.work is None and bucket.flat is None:
+            bucket.ready += 1
+            if bucket.ready == len(bucket.params):
+                bucket.start()
 
     def finish(self) -> None:
         """Wait for every bucket's reduction and write the averaged gradients back."""
@@ -163,6 +170,14 @@ class OverlappedGradReducer:
         for bucket in self.buckets:
             bucket.finish(self.groups.world_size)
         self.armed = False
+
+
+def _grad_ready_hook(reducer: weakref.ref, index: int):
+    def hook(param: torch.Tensor) -> None:
+        live = reducer()
+        if live is not None:
+            live.grad_ready(index)
+    return hook
 
 
 class _Bucket:

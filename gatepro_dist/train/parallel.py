@@ -9,7 +9,11 @@ Group handles follow ``comm``'s convention: ``None`` means a group of one (no co
 """
 from __future__ import annotations
 
+import gc
+import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch.distributed as dist
 
@@ -61,3 +65,50 @@ def build_parallel_groups(ep: int, device_type: str = "cpu") -> ParallelGroups:
         edp_group=mesh.get_group("edp") if dp > 1 else None,
         mesh=mesh,
     )
+
+
+def close_process_groups() -> None:
+    """Destroy every process group and free them while the interpreter is fully alive.
+
+    ``destroy_process_group`` only unregisters the groups; a gloo group's worker threads live
+    until its last reference goes. A worker that outlives the interpreter's finalisation and
+    still holds a finished collective's tensor needs the GIL to free it, and aborts the process
+    ("terminate called without an active exception", a rank killed by SIGABRT after training
+    finished). So nothing of ours may keep a group alive (see ``OverlappedGradReducer``), and a
+    collection here frees what a reference cycle still holds.
+    """
+    deepspeed_comm = sys.modules.get("deepspeed.comm")  # loaded by train.backend=deepspeed only
+    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+        deepspeed_comm.destroy_process_group()  # also drops DeepSpeed's module-level group handles
+    elif dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the process with ``code`` after ``close_process_groups``.
+
+    Normally through ``sys.exit`` (atexit handlers, buffered files and the interpreter's
+    finalisation run). If gloo threads are still alive, something outside this project holds a
+    group (DeepSpeed's engine does, in C++), and finalising with them alive can abort the
+    process (``close_process_groups``): then flush and leave at once with the same code.
+    """
+    if live_gloo_threads():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def live_gloo_threads() -> list[str]:
+    """Names of this process's gloo threads (Linux): empty once every gloo group is freed."""
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as fh:
+                name = fh.read().strip()
+        except OSError:  # the thread ended while we looked
+            continue
+        if "gloo" in name:
+            names.append(name)
+    return sorted(names)
