@@ -112,6 +112,7 @@ class RouterConfig:
     aux_loss_coef: float = _f(0.01, "Switch-style load-balancing loss weight (sees raw logits)")
     z_loss_coef: float = _f(0.001, "router z-loss weight")
     normalize_topk: bool = _f(True, "mixture weights = softmax over the selected k only")
+    init_std: Optional[float] = _f(None, "std of the router rows at init; null = 1/sqrt(d_model); 0 = all rows zero (every logit tied at step 0)")
     check_pairs: bool = _f(False, "debug: verify GatePro pairings agree across EP ranks")
     gatepro: GateProConfig = _section(GateProConfig, "GatePro expert competition")
     bias: BiasConfig = _section(BiasConfig, "aux-loss-free load balancing")

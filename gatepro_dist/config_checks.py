@@ -26,7 +26,7 @@ _POSITIVE = (
 )
 _NON_NEGATIVE = (
     "model.first_dense_layers", "moe.num_shared_experts", "router.aux_loss_coef",
-    "router.z_loss_coef", "router.gatepro.penalty", "router.bias.update_rate", "train.seed",
+    "router.z_loss_coef", "router.init_std", "router.gatepro.penalty", "router.bias.update_rate", "train.seed",
     "train.warmup_steps", "train.weight_decay", "train.grad_clip",
 )
 # key -> (low, high, low_inclusive, high_inclusive)
@@ -65,7 +65,7 @@ def _check_values(cfg: Config) -> None:
             raise _fail(key, value, "must be > 0", f"set {key} to a positive value")
     for key in _NON_NEGATIVE:
         value = _get(cfg, key)
-        if value < 0:
+        if value is not None and value < 0:
             raise _fail(key, value, "must be >= 0", f"set {key} to zero or more")
     for key, (lo, hi, lo_in, hi_in) in _RANGES.items():
         value = _get(cfg, key)

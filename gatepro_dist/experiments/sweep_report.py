@@ -14,7 +14,11 @@ CSV columns (``summary.csv`` in the sweep's out_dir, one row per finished run):
   complete for good; empty if the last step still had one), mean_zero_token_experts (per layer,
   averaged over every logged step: the area under the zero-token curve, so lower means experts
   came into use sooner), mean_loss_last10pct (training loss averaged over the last 10% of logged
-  steps: many more tokens than one evaluation, so less noisy than final_loss).
+  steps: many more tokens than one evaluation, so less noisy than final_loss),
+  first_below_penalty and final_below_penalty (share of tokens whose k-th and (k+1)-th selection
+  scores are closer than GatePro's penalty, i.e. the decisions it could change, at the first and
+  last logged step, averaged over layers), gatepro_changed_fraction (gatepro_topk_changed over
+  the tokens routed, all steps and layers).
 
 When ``train.seed`` is an axis, runs that differ only in their seed form a group, and
 ``summary_over_seeds.csv`` holds one row per group: group, <the other axis keys>, seeds (runs in
@@ -45,10 +49,11 @@ RESULT_COLUMNS = ["steps", "final_loss", "final_val_loss", "best_val_loss", "mea
                   "final_zero_token_experts", "mean_zero_token_experts_last10pct",
                   "first_step_all_experts_used", "final_mean_cos", "gatepro_on_steps",
                   "final_mean_angle_deg", "final_spectral_entropy", "gatepro_penalised",
-                  "gatepro_topk_changed", "all_experts_used_from_step", "mean_zero_token_experts", "mean_loss_last10pct"]
+                  "gatepro_topk_changed", "all_experts_used_from_step", "mean_zero_token_experts", "mean_loss_last10pct",
+                  "first_below_penalty", "final_below_penalty", "gatepro_changed_fraction"]
 SEED_STATS = ["final_val_loss", "mean_loss_last10pct", "final_zero_token_experts",
               "mean_zero_token_experts", "mean_zero_token_experts_last10pct", "final_mean_cos",
-              "final_spectral_entropy", "gatepro_topk_changed"]
+              "final_spectral_entropy", "gatepro_topk_changed", "final_below_penalty"]
 SIMILARITY_STATS = {"mean_cos": "mean cosine similarity", "spectral_entropy": "spectral entropy of S"}
 
 
@@ -81,6 +86,13 @@ def summarize_run(records: list[dict]) -> dict:
     def summed(name: str) -> int:
         return sum(l.get(name, 0) for r in records for l in r.get("moe", []))
 
+    def below_penalty(record: dict):
+        values = [l["routing_margin"]["below_penalty"] for l in record.get("moe", []) if l.get("routing_margin")]
+        return sum(values) / len(values) if values else ""
+
+    with_margin = [r for r in records if any(l.get("routing_margin") for l in r.get("moe", []))]
+    routed = sum(l["routing_margin"]["tokens"] for r in with_margin for l in r["moe"] if l.get("routing_margin"))
+
     return {
         "steps": last["step"],
         "final_loss": last.get("loss"),
@@ -99,6 +111,10 @@ def summarize_run(records: list[dict]) -> dict:
         "all_experts_used_from_step": used_from,
         "mean_zero_token_experts": sum(zero_per_layer.values()) / len(zero_per_layer) if zero_per_layer else "",
         "mean_loss_last10pct": statistics.fmean(r["loss"] for r in tail) if all("loss" in r for r in tail) else "",
+        "first_below_penalty": below_penalty(with_margin[0]) if with_margin else "",
+        "final_below_penalty": below_penalty(with_margin[-1]) if with_margin else "",
+        "gatepro_changed_fraction": (sum(l.get("gatepro_topk_changed", 0) for r in with_margin for l in r["moe"])
+                                     / routed) if routed else "",
     }
 
 

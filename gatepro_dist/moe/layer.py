@@ -35,6 +35,7 @@ class MoESpec:
     bias_enabled: bool = False
     bias_update_rate: float = 1e-3
     check_pairs: bool = False
+    router_init_std: float | None = None  # None: 1/sqrt(hidden_size)
 
     def validate(self, ep_size: int = 1) -> None:
         def bad(name, value, fix):
@@ -77,6 +78,7 @@ class MoEStats:
     gatepro_penalised: torch.Tensor  # (token, expert) entries that received the penalty
     gatepro_topk_changed: torch.Tensor  # tokens whose expert set the penalty changed
     expert_rows_max: torch.Tensor  # most rows one of this rank's experts computed (<= capacity when set)
+    routing_margin: torch.Tensor  # routing.routing_margin_counts of this rank's tokens (not summed over ranks)
     rows_sent: int = 0  # this rank's token rows dispatched to experts on other ranks
     rows_received: int = 0  # rows this rank's experts received from other ranks
 
@@ -104,7 +106,7 @@ class MoELayer(nn.Module):
             spec.hidden_size, spec.num_experts, spec.top_k,
             gatepro_enabled=spec.gatepro, penalty=spec.penalty, normalize_topk=spec.normalize_topk,
             bias_enabled=spec.bias_enabled, bias_update_rate=spec.bias_update_rate,
-            check_pairs=spec.check_pairs, ep_group=ep_group,
+            check_pairs=spec.check_pairs, init_std=spec.router_init_std, ep_group=ep_group,
         )
         self.experts = GroupedExperts(
             spec.num_experts // ep_size, spec.hidden_size, spec.expert_ffn_dim,
@@ -163,6 +165,7 @@ class MoELayer(nn.Module):
             rows_sent=sum(plan.input_splits) - plan.input_splits[comm.group_rank(self.ep_group)],
             rows_received=sum(plan.output_splits) - plan.output_splits[comm.group_rank(self.ep_group)],
             expert_rows_max=plan.tokens_per_local_expert.amax(),
+            routing_margin=routing.margin_counts,
         )
         return out_TD.view_as(x).to(x.dtype), stats
 

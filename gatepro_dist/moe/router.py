@@ -22,6 +22,7 @@ from .routing import (
     check_top_k,
     gatepro_delta,
     most_similar_expert,
+    routing_margin_counts,
     select_top_k,
     top_k_experts,
     topk_set_changed,
@@ -40,6 +41,7 @@ class Routing:
     gatepro_penalised: torch.Tensor  # (token, expert) entries that received the penalty, this rank
     gatepro_topk_changed: torch.Tensor  # tokens whose selected set differs from plain top-k, this rank
     gate_weight_ND: torch.Tensor  # the gathered router weight the decision was made with
+    margin_counts: torch.Tensor  # routing_margin_counts of this rank's tokens (how close each k-th choice was)
 
 
 def mark_expert_parallel(param: nn.Parameter) -> nn.Parameter:
@@ -82,6 +84,7 @@ class GateProRouter(nn.Module):
         bias_enabled: bool = False,
         bias_update_rate: float = 1e-3,
         check_pairs: bool = False,
+        init_std: float | None = None,
         ep_group=None,
     ):
         super().__init__()
@@ -97,6 +100,9 @@ class GateProRouter(nn.Module):
         self.gatepro_enabled, self.penalty = gatepro_enabled, penalty
         self.normalize_topk, self.check_pairs = normalize_topk, check_pairs
         self.bias_enabled, self.bias_update_rate = bias_enabled, bias_update_rate
+        if init_std is not None and not (math.isfinite(init_std) and init_std >= 0):
+            raise ValueError(f"init_std={init_std} must be a finite number >= 0 (or None for 1/sqrt(hidden_size))")
+        self.init_std = 1.0 / math.sqrt(hidden_size) if init_std is None else float(init_std)
         self.ep_group = ep_group
         self.num_local_experts = num_experts // ep_size
         self.first_expert = comm.group_rank(ep_group) * self.num_local_experts
@@ -107,10 +113,16 @@ class GateProRouter(nn.Module):
         self.reset_parameters(seed=0)
 
     def reset_parameters(self, seed: int) -> None:
-        std = 1.0 / math.sqrt(self.hidden_size)
+        """Rows ~ N(0, init_std^2), drawn per global row (a shard equals the full tensor's rows).
+
+        ``init_std=0`` makes every row zero: every logit is 0, top-k of the ties picks the lowest
+        expert indices for every token, and GatePro's pairing sees no direction (cosines of zero
+        rows are 0, so each expert's rival is the lowest other index) and penalises nothing
+        (no logit is strictly below its rival's) until the first update separates the rows.
+        """
         with torch.no_grad():
             self.weight.copy_(
-                seeded_rows(self.num_local_experts, self.first_expert, (self.hidden_size,), std, seed)
+                seeded_rows(self.num_local_experts, self.first_expert, (self.hidden_size,), self.init_std, seed)
             )
 
     def gathered_weight(self) -> torch.Tensor:
@@ -127,11 +139,13 @@ class GateProRouter(nn.Module):
         with _autocast_off(x_TD.device.type):
             logits_TN = faults.skew_logits(x_TD.float() @ gate_weight_ND.float().t())
         bias_N = self.expert_bias if self.bias_enabled else None
+        scores_TN = logits_TN if bias_N is None else logits_TN.detach() + bias_N.float()
+        margins = routing_margin_counts(scores_TN, self.top_k, self.penalty)
 
         if not (self.gatepro_enabled and self.penalty > 0):
             plain = select_top_k(logits_TN, self.top_k, bias_N, self.normalize_topk)
             none = torch.zeros((), dtype=torch.long, device=logits_TN.device)
-            return Routing(logits_TN, plain.experts_TK, plain.weights_TK, none, none, gate_weight_ND)
+            return Routing(logits_TN, plain.experts_TK, plain.weights_TK, none, none, gate_weight_ND, margins)
 
         rival_N = most_similar_expert(gate_weight_ND)
         if self.check_pairs:
@@ -146,6 +160,7 @@ class GateProRouter(nn.Module):
             torch.count_nonzero(delta_TN),
             topk_set_changed(chosen.experts_TK, plain_experts_TK).sum(),
             gate_weight_ND,
+            margins,
         )
 
     @torch.no_grad()

@@ -15,6 +15,12 @@ from dataclasses import dataclass
 import torch
 
 DEFAULT_PENALTY = 1e-4
+# Routing-margin histogram: bin 0 holds margins below 1e-8 (exact ties included), then four bins
+# per decade up to 1e2 ([10^(e), 10^(e+1/4)) ...), and the last bin everything from 1e2 up.
+MARGIN_DECADES = (-8, 2)
+MARGIN_BINS_PER_DECADE = 4
+MARGIN_EDGES = (MARGIN_DECADES[1] - MARGIN_DECADES[0]) * MARGIN_BINS_PER_DECADE + 1
+MARGIN_FIELDS = 2 + MARGIN_EDGES + 1  # [tokens tied, tokens below the penalty, histogram...]
 # Cosines closer than this count as a tie (rows with the same direction differ by rounding only).
 SIMILARITY_TIE_TOLERANCE = 1e-9
 
@@ -62,6 +68,66 @@ def gatepro_penalty(
     check_penalty(penalty)
     rival_N = most_similar_expert(gate_weight)
     return logits.float() + gatepro_delta(logits, rival_N, penalty)
+
+
+def margin_edges(device) -> torch.Tensor:
+    """The histogram's bin edges, made on ``device`` (a kernel, not a copy from the host)."""
+    low, high = MARGIN_DECADES
+    return torch.logspace(low, high, MARGIN_EDGES, dtype=torch.float64, device=device)
+
+
+def routing_margin_counts(scores_TN: torch.Tensor, top_k: int, penalty: float) -> torch.Tensor:
+    """How close each token's k-th choice came to losing: counts over this call's tokens.
+
+    The margin of a token is s_(k) - s_(k+1), the gap between its k-th and (k+1)-th highest
+    selection score (raw logits, plus the balancing bias when that steers selection). GatePro
+    moves a logit by at most ``penalty``, so it can change a token's selected set only where
+    the margin is below ``penalty``. Returns a long tensor of ``MARGIN_FIELDS`` on the scores'
+    device: [tokens with margin exactly 0, tokens with margin < penalty, histogram over
+    ``margin_edges``]. Counts add over micro-batches and ranks. With top_k = N there is no
+    (k+1)-th expert and every count is 0. Nothing is read back to the host.
+    """
+    counts = torch.zeros(MARGIN_FIELDS, dtype=torch.long, device=scores_TN.device)
+    if top_k >= scores_TN.shape[1] or scores_TN.shape[0] == 0:
+        return counts
+    top_TK1 = scores_TN.detach().to(torch.float64).topk(top_k + 1, dim=1).values
+    margin_T = top_TK1[:, top_k - 1] - top_TK1[:, top_k]
+    counts[0] = (margin_T == 0).sum()
+    counts[1] = (margin_T < penalty).sum()
+    bins_T = torch.bucketize(margin_T, margin_edges(margin_T.device), right=True)
+    counts[2:].scatter_add_(0, bins_T, torch.ones_like(bins_T))
+    return counts
+
+
+def margin_summary(counts: list[int]) -> dict:
+    """Host-side summary of ``routing_margin_counts`` (summed over a step's tokens, all ranks).
+
+    Fractions of tokens tied (margin 0) and below the penalty are exact; ``below`` gives the
+    exact fraction under each decade 1e-6 .. 1; quantiles p10/p50/p90 are read off the
+    histogram (the geometric middle of the bin holding the quantile: within a factor 10^(1/8)
+    of the true value; 0 when it falls in the lowest bin, below 1e-8).
+    """
+    tied, below_penalty, *hist = counts
+    tokens = sum(hist)
+    if tokens == 0:
+        return {}
+    low, _ = MARGIN_DECADES
+    step = 1.0 / MARGIN_BINS_PER_DECADE
+
+    def quantile(q: float) -> float:
+        seen = 0
+        for b, c in enumerate(hist):
+            seen += c
+            if seen >= q * tokens:
+                return 0.0 if b == 0 else 10 ** (low + (b - 1 + 0.5) * step)
+        return math.inf
+
+    def below(decade: int) -> float:
+        return sum(hist[: 1 + (decade - low) * MARGIN_BINS_PER_DECADE]) / tokens
+
+    return {"tokens": tokens, "tied": tied / tokens, "below_penalty": below_penalty / tokens,
+            "p10": quantile(0.1), "p50": quantile(0.5), "p90": quantile(0.9),
+            "below": {f"1e{d}": below(d) for d in range(-6, 1)}}
 
 
 def check_logits(logits: torch.Tensor, num_experts: int) -> None:

@@ -85,7 +85,7 @@ def moe_spec(cfg: Config) -> MoESpec:
         capacity_factor=m.capacity_factor, drop_policy=m.drop_policy, grouped_gemm=m.grouped_gemm,
         gatepro=r.gatepro.enabled_at(0), penalty=r.gatepro.penalty, normalize_topk=r.normalize_topk,
         aux_loss_coef=r.aux_loss_coef, z_loss_coef=r.z_loss_coef, bias_enabled=r.bias.enabled,
-        bias_update_rate=r.bias.update_rate, check_pairs=r.check_pairs,
+        bias_update_rate=r.bias.update_rate, check_pairs=r.check_pairs, router_init_std=r.init_std,
     )
 
 

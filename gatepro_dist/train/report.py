@@ -140,6 +140,8 @@ class RunSummary:
     num_experts: dict[int, int] = field(default_factory=dict)  # per layer, from tokens_per_expert
     gatepro_final: bool | None = None
     gatepro_switches: list[tuple[int, bool]] = field(default_factory=list)
+    final_margin: dict[int, dict] = field(default_factory=dict)  # per layer: routing_margin of the last step
+    topk_changed_fraction: float | None = None  # tokens whose set GatePro changed / tokens routed, all steps
 
 
 def summarize(records: list[dict]) -> RunSummary:
@@ -162,6 +164,9 @@ def summarize(records: list[dict]) -> RunSummary:
         if "tokens_per_expert" in m
     }
     states = [r["gatepro"] for r in records if isinstance(r.get("gatepro"), bool)]
+    final_margin = {m.get("layer", i): m["routing_margin"] for i, m in enumerate(last_moe) if m.get("routing_margin")}
+    routed = sum(m["routing_margin"]["tokens"] for r in records for m in r.get("moe", []) if m.get("routing_margin"))
+    changed = sum(m.get("gatepro_topk_changed", 0) for r in records for m in r.get("moe", []) if m.get("routing_margin"))
     return RunSummary(
         num_records=len(records),
         first_step=records[0]["step"],
@@ -174,6 +179,8 @@ def summarize(records: list[dict]) -> RunSummary:
         num_experts=num_experts,
         gatepro_final=states[-1] if states else None,
         gatepro_switches=_gatepro_switches(records),
+        final_margin=dict(sorted(final_margin.items())),
+        topk_changed_fraction=changed / routed if routed else None,
     )
 
 
@@ -206,6 +213,11 @@ def _summary_table(s: RunSummary) -> str:
         ("mean tokens/s", "—" if s.mean_tokens_per_s is None else f"{s.mean_tokens_per_s:,.0f}"),
         ("final zero-token experts", zero_token or "—"),
         ("GatePro", gatepro),
+        ("routing margin, last step", ", ".join(
+            f"layer {layer}: {m['below_penalty']:.2%} below the penalty, median {m['p50']:.2g}"
+            for layer, m in s.final_margin.items()) or "—"),
+        ("tokens whose experts GatePro changed", "—" if s.topk_changed_fraction is None
+         else f"{s.topk_changed_fraction:.3g} of tokens routed, over all steps and layers"),
     ]
     return "\n".join(["| | |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows])
 

@@ -18,7 +18,7 @@ from ..cluster.preemption import Preempted, PreemptionWatch
 from ..config import Config
 from ..moe import comm
 from ..moe.layer import MoEStats
-from ..moe.routing import gate_similarity_stats
+from ..moe.routing import gate_similarity_stats, margin_summary
 from .checkpoint import latest_checkpoint
 from .data import build_data
 from .metrics import MetricsWriter, ProgressBar
@@ -89,7 +89,8 @@ class StepStats:
             self.layers = [dict(counts=torch.zeros_like(s.tokens_per_expert),
                                 losses=torch.zeros(2, dtype=torch.float64, device=s.tokens_per_expert.device),
                                 counted=torch.zeros(4, dtype=torch.long, device=s.tokens_per_expert.device),
-                                rows_max=torch.zeros((), dtype=torch.long, device=s.tokens_per_expert.device))
+                                rows_max=torch.zeros((), dtype=torch.long, device=s.tokens_per_expert.device),
+                                margin=torch.zeros_like(s.routing_margin))
                            for s in stats]
         for acc, s in zip(self.layers, stats):
             acc["counts"] += s.tokens_per_expert
@@ -97,6 +98,7 @@ class StepStats:
             acc["counted"] += torch.stack([s.dropped_tokens, s.gatepro_penalised, s.gatepro_topk_changed,
                                            s.tokens_per_expert.sum()])
             acc["rows_max"] = torch.maximum(acc["rows_max"], s.expert_rows_max)
+            acc["margin"] += s.routing_margin
         self.micro_batches += 1
 
 
@@ -128,10 +130,12 @@ def read_step(loss_sum: torch.Tensor, grad_accum: int, grad_norm: torch.Tensor, 
     n = max(step_stats.micro_batches, 1)
     device = loss_sum.device
     grad_norm = torch.as_tensor(grad_norm, dtype=torch.float64).to(device)
-    # Summed over the world: the mean loss, each layer's (aux, z) share, the non-finite flag.
+    # Summed over the world: the mean loss, each layer's (aux, z) share, the non-finite flag, and
+    # each layer's routing-margin counts (this rank's tokens; float64 holds them exactly).
     world_sum = torch.cat([(loss_sum.to(torch.float64) / grad_accum).reshape(1),
                            *(acc["losses"] / n for acc in layers),
-                           (~torch.isfinite(grad_norm)).to(torch.float64).reshape(1)])
+                           (~torch.isfinite(grad_norm)).to(torch.float64).reshape(1),
+                           *(acc["margin"].to(torch.float64) for acc in layers)])
     comm.all_reduce_sum(world_sum, groups.world_group)
     rows_max_L = torch.stack([acc["rows_max"] for acc in layers]) if layers else world_sum.new_zeros(0).long()
     comm.all_reduce_max(rows_max_L, groups.world_group)
@@ -141,7 +145,9 @@ def read_step(loss_sum: torch.Tensor, grad_accum: int, grad_norm: torch.Tensor, 
                       *(acc["counts"].to(torch.float64) for acc in layers)]).tolist()
     loss, *rest = host
     losses_L2, rest = rest[: 2 * len(layers)], rest[2 * len(layers):]
-    bad_grad_ranks, norm, *rest = rest
+    bad_grad_ranks, *rest = rest
+    margin_width = layers[0]["margin"].numel() if layers else 0
+    margins, (norm, *rest) = rest[: margin_width * len(layers)], rest[margin_width * len(layers):]
     rows_max, rest = rest[: len(layers)], rest[len(layers):]
     counted, rest = rest[: 4 * len(layers)], rest[4 * len(layers):]
     out = []
@@ -156,6 +162,7 @@ def read_step(loss_sum: torch.Tensor, grad_accum: int, grad_norm: torch.Tensor, 
             "dropped_tokens": dropped, "drop_rate": dropped / max(assignments, 1),
             "expert_rows_max": int(rows_max[i]), "gatepro_penalised": penalised,
             "gatepro_topk_changed": changed, "tokens_per_expert": counts,
+            "routing_margin": margin_summary([int(v) for v in margins[i * margin_width:(i + 1) * margin_width]]),
         })
     loss /= groups.world_size
     return StepReadout(loss, norm, math.isfinite(loss) and bad_grad_ranks == 0, out)
