@@ -121,3 +121,43 @@ def test_runs_that_differ_only_in_seed_are_summarised_as_mean_and_std(tmp_path):
     assert "| enabled=True | 3 | 2.200 ± 0.200 |" in (sweep.out_dir / "summary_over_seeds.md").read_text()
     for png in ("zero_token_experts.png", "val_loss.png", "similarity.png"):
         assert (sweep.out_dir / png).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_an_archived_sweep_is_finished_on_a_machine_without_its_run_directories(tmp_path):
+    """A sweep in pieces across sessions: the archive (committed) is all that survives a machine."""
+    sweep = write_sweep(tmp_path, "  router.gatepro.enabled: [true, false]\n", f"archive: {tmp_path / 'archive'}\n")
+    first = subprocess.run([sys.executable, "-m", "gatepro_dist.cli.sweep", sweep], capture_output=True, text=True,
+                           timeout=600)
+    assert first.returncode == 0, first.stderr
+    archived = sorted(p.name for p in (tmp_path / "archive").iterdir())
+    assert archived == ["enabled=false.jsonl.gz", "enabled=true.jsonl.gz"]
+    with open(tmp_path / "out" / "summary.csv") as f:
+        before = list(csv.DictReader(f))
+    blob = (tmp_path / "archive" / "enabled=true.jsonl.gz").read_bytes()
+
+    import shutil
+    shutil.rmtree(tmp_path / "out")  # a fresh machine: only the archive is left
+    again = subprocess.run([sys.executable, "-m", "gatepro_dist.cli.sweep", sweep], capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("already complete") == 2 and not (tmp_path / "out" / "enabled=true").exists()
+    with open(tmp_path / "out" / "summary.csv") as f:
+        after = list(csv.DictReader(f))
+    assert after == before  # every summary column comes from what the archive keeps
+    assert (tmp_path / "archive" / "enabled=true.jsonl.gz").read_bytes() == blob  # left as it was
+
+
+def test_archive_keeps_everything_but_the_per_expert_counts():
+    from gatepro_dist.experiments.sweep import compact_record
+
+    layer = {"layer": 0, "zero_token_experts": 3, "tokens_per_expert": [0, 5, 9], "gatepro_topk_changed": 2,
+             "routing_margin": {"tokens": 14, "tied": 0.0, "below_penalty": 0.5, "p10": 0.0, "p50": 1e-4,
+                                "p90": 0.3, "below": {"1e-4": 0.5}}}
+    record = {"step": 7, "loss": 2.5, "moe": [layer]}
+    compact = compact_record(record)
+    assert compact["step"] == 7 and compact["loss"] == 2.5
+    assert compact["moe"][0] == {"layer": 0, "zero_token_experts": 3, "gatepro_topk_changed": 2,
+                                 "routing_margin": {"tokens": 14, "tied": 0.0, "below_penalty": 0.5, "p10": 0.0,
+                                                    "p50": 1e-4, "p90": 0.3}}
+    assert record["moe"][0]["tokens_per_expert"] == [0, 5, 9]  # the input is not changed

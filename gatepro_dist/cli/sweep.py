@@ -5,6 +5,10 @@
     gatepro-sweep configs/sweeps/gatepro_vs_baseline.yaml --slurm      # submit a Slurm array job
     gatepro-sweep configs/sweeps/gatepro_vs_baseline.yaml --aggregate  # summary.csv + plots only
 
+Runs that already reached their last step are skipped, so running the command again continues an
+interrupted sweep; with ``archive:`` in the sweep file, finished runs are also kept in compact form
+there (commit it) and count as finished on any machine.
+
 A grid axis ``train.seed: [0, 1, 2]`` repeats every other combination with those seeds; the
 aggregate then adds summary_over_seeds.csv/.md (mean ± std over seeds per combination).
 """
@@ -17,7 +21,7 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError
-from ..experiments.sweep import is_complete, load_sweep, train_command
+from ..experiments.sweep import archive_run, is_complete, load_sweep, train_command
 from ..experiments.sweep_report import aggregate
 
 
@@ -77,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, (run, command) in enumerate(zip(sweep.runs, commands), 1):
             if is_complete(sweep, run):
                 print(f"[{i}/{len(commands)}] {run.name}: already complete")
+                archive_run(sweep, run)
                 continue
             print(f"[{i}/{len(commands)}] {run.name}: {command}", flush=True)
             run_dir = run.run_dir(sweep.out_dir)
@@ -87,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"gatepro-sweep: error: run {run.name} exited with {code}; see {run_dir / 'train.log'}",
                       file=sys.stderr)
                 return 1
+            archive_run(sweep, run)
+    else:
+        for run in sweep.runs:
+            archive_run(sweep, run)
     path = aggregate(sweep)
     print(f"summary: {path}")
     over_seeds = path.with_name("summary_over_seeds.md")

@@ -13,6 +13,12 @@ A sweep file is YAML:
     runs:                                # optional: extra runs listed one by one
       - {name: hot_swap, router.gatepro.schedule: [[0, true], [100, false]]}
 
+``archive: DIR`` (optional, relative to the sweep file) keeps a compact copy of each finished run's
+metrics (``DIR/<run>.jsonl.gz``: every record without the per-expert token counts, which are the
+bulk) that can be committed: a run archived there counts as finished and is aggregated from it
+even on a machine that never held its run directory, so a long sweep can be run in pieces across
+sessions or machines.
+
 Axis keys are config keys, plus ``world`` (processes). ``train.seed: [0, 1, 2]`` as an axis
 repeats every other combination with several seeds (initialisation and data order); the report
 then summarises each combination as mean ± std over its seeds. Every run's config is validated before
@@ -21,6 +27,7 @@ reach its last step is not run again, so an interrupted sweep continues where it
 """
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
 import re
@@ -31,6 +38,7 @@ import yaml
 
 from ..config import ConfigError, load_config
 from ..config_checks import validate
+from ..train.metrics import METRICS_FILE, read_metrics
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,7 @@ class Sweep:
     base: Path | None
     out_dir: Path
     runs: tuple[Run, ...]
+    archive: Path | None = None
 
 
 def _value_text(value) -> str:
@@ -82,7 +91,7 @@ def load_sweep(path: str | Path) -> Sweep:
         spec = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"sweep file {path} is not valid YAML ({err}); fix its syntax") from None
-    known = {"name", "base", "out_dir", "world", "overrides", "grid", "runs"}
+    known = {"name", "base", "out_dir", "world", "overrides", "grid", "runs", "archive"}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ConfigError(f"sweep file {path} has unknown key(s) {unknown}; use only {sorted(known)}")
@@ -104,8 +113,9 @@ def load_sweep(path: str | Path) -> Sweep:
     if duplicates:
         raise ConfigError(f"sweep runs have the same name {duplicates}; give the explicit runs distinct names")
     out_dir = Path(spec.get("out_dir", f"runs/sweeps/{spec.get('name', path.stem)}"))
+    archive = (path.parent / spec["archive"]).resolve() if spec.get("archive") else None
     sweep = Sweep(spec.get("name", path.stem), base, out_dir,
-                  tuple(Run(r.name, r.world, common + r.overrides, r.axes) for r in runs))
+                  tuple(Run(r.name, r.world, common + r.overrides, r.axes) for r in runs), archive)
     for run in sweep.runs:
         try:
             validate(run_config(sweep, run), run.world)
@@ -129,14 +139,63 @@ def train_command(sweep: Sweep, run: Run, python: str = "python3") -> list[str]:
 
 
 def is_complete(sweep: Sweep, run: Run) -> bool:
-    metrics = run.run_dir(sweep.out_dir) / "metrics.jsonl"
-    if not metrics.is_file():
-        return False
-    steps = run_config(sweep, run).train.steps
-    last = None
-    for line in metrics.read_text().splitlines():
-        try:
-            last = json.loads(line).get("step", last)
-        except json.JSONDecodeError:
-            continue
-    return last is not None and last >= steps
+    records = run_records(sweep, run)
+    return bool(records) and records[-1].get("step", 0) >= run_config(sweep, run).train.steps
+
+
+# Per MoE layer, the archive keeps everything but the per-expert counts, and of the routing margin
+# its summary numbers (not the per-decade fractions).
+_ARCHIVE_DROPPED_LAYER_KEYS = {"tokens_per_expert"}
+_ARCHIVE_MARGIN_KEYS = ("tokens", "tied", "below_penalty", "p10", "p50", "p90")
+
+
+def compact_record(record: dict) -> dict:
+    out = dict(record)
+    if "moe" in record:
+        layers = []
+        for layer in record["moe"]:
+            kept = {k: v for k, v in layer.items() if k not in _ARCHIVE_DROPPED_LAYER_KEYS}
+            if layer.get("routing_margin"):
+                kept["routing_margin"] = {k: layer["routing_margin"][k] for k in _ARCHIVE_MARGIN_KEYS}
+            layers.append(kept)
+        out["moe"] = layers
+    return out
+
+
+def archive_path(sweep: Sweep, run: Run) -> Path | None:
+    return None if sweep.archive is None else sweep.archive / f"{run.name}.jsonl.gz"
+
+
+def archive_run(sweep: Sweep, run: Run) -> Path | None:
+    """Write a finished run's compact records to the sweep's archive; return the path, or None
+    when there is no archive or the run directory here does not hold the finished run."""
+    path = archive_path(sweep, run)
+    metrics = run.run_dir(sweep.out_dir) / METRICS_FILE
+    if path is None or not metrics.is_file():
+        return None
+    records = read_metrics(metrics)
+    if records[-1].get("step", 0) < run_config(sweep, run).train.steps:
+        return None
+    text = "".join(json.dumps(compact_record(r), separators=(",", ":")) + "\n" for r in records)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
+        gz.write(text.encode())  # mtime 0 and no name: the same records give the same bytes
+    tmp.replace(path)
+    return path
+
+
+def run_records(sweep: Sweep, run: Run) -> list[dict]:
+    """The run's records: from its run directory, or from the archive when that reaches further."""
+    metrics = run.run_dir(sweep.out_dir) / METRICS_FILE
+    try:
+        local = read_metrics(metrics) if metrics.is_file() else []
+    except ValueError:  # a run that started but has logged no step yet
+        local = []
+    path = archive_path(sweep, run)
+    if path is not None and path.is_file():
+        with gzip.open(path, "rt") as fh:
+            archived = [json.loads(line) for line in fh if line.strip()]
+        if archived and (not local or archived[-1].get("step", 0) > local[-1].get("step", 0)):
+            return archived
+    return local

@@ -40,8 +40,7 @@ import math
 import statistics
 from pathlib import Path
 
-from ..train.metrics import read_metrics
-from .sweep import Sweep
+from .sweep import Sweep, run_records
 
 SEED_AXIS = "train.seed"
 BASE_COLUMNS = ["run", "world"]
@@ -175,10 +174,9 @@ def aggregate(sweep: Sweep) -> Path:
                 axis_keys.append(key)
     rows, curves = [], {}
     for run in sweep.runs:
-        metrics = run.run_dir(sweep.out_dir) / "metrics.jsonl"
-        if not metrics.is_file():
+        records = run_records(sweep, run)  # the run directory, or the sweep's archive
+        if not records:
             continue
-        records = read_metrics(metrics)
         curves[run.name] = records
         row = {"run": run.name, "world": run.world, **{k: run.axes.get(k, "") for k in axis_keys}}
         rows.append({**row, **summarize_run(records)})
