@@ -130,11 +130,11 @@ def test_an_archived_sweep_is_finished_on_a_machine_without_its_run_directories(
     first = subprocess.run([sys.executable, "-m", "gatepro_dist.cli.sweep", sweep], capture_output=True, text=True,
                            timeout=600)
     assert first.returncode == 0, first.stderr
-    archived = sorted(p.name for p in (tmp_path / "archive").iterdir())
+    archived = sorted(p.name for p in (tmp_path / "archive" / "tiny").iterdir())
     assert archived == ["enabled=false.jsonl.gz", "enabled=true.jsonl.gz"]
     with open(tmp_path / "out" / "summary.csv") as f:
         before = list(csv.DictReader(f))
-    blob = (tmp_path / "archive" / "enabled=true.jsonl.gz").read_bytes()
+    blob = (tmp_path / "archive" / "tiny" / "enabled=true.jsonl.gz").read_bytes()
 
     import shutil
     shutil.rmtree(tmp_path / "out")  # a fresh machine: only the archive is left
@@ -145,7 +145,7 @@ def test_an_archived_sweep_is_finished_on_a_machine_without_its_run_directories(
     with open(tmp_path / "out" / "summary.csv") as f:
         after = list(csv.DictReader(f))
     assert after == before  # every summary column comes from what the archive keeps
-    assert (tmp_path / "archive" / "enabled=true.jsonl.gz").read_bytes() == blob  # left as it was
+    assert (tmp_path / "archive" / "tiny" / "enabled=true.jsonl.gz").read_bytes() == blob  # left as it was
 
 
 def test_archive_keeps_everything_but_the_per_expert_counts():

@@ -14,7 +14,7 @@ A sweep file is YAML:
       - {name: hot_swap, router.gatepro.schedule: [[0, true], [100, false]]}
 
 ``archive: DIR`` (optional, relative to the sweep file) keeps a compact copy of each finished run's
-metrics (``DIR/<run>.jsonl.gz``: every record without the per-expert token counts, which are the
+metrics (``DIR/<sweep name>/<run>.jsonl.gz``: every record without the per-expert token counts, which are the
 bulk) that can be committed: a run archived there counts as finished and is aggregated from it
 even on a machine that never held its run directory, so a long sweep can be run in pieces across
 sessions or machines.
@@ -163,7 +163,7 @@ def compact_record(record: dict) -> dict:
 
 
 def archive_path(sweep: Sweep, run: Run) -> Path | None:
-    return None if sweep.archive is None else sweep.archive / f"{run.name}.jsonl.gz"
+    return None if sweep.archive is None else sweep.archive / sweep.name / f"{run.name}.jsonl.gz"
 
 
 def archive_run(sweep: Sweep, run: Run) -> Path | None:

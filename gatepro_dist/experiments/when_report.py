@@ -1,0 +1,253 @@
+"""When does GatePro act? The tables and plots of docs/RESULTS.md from the `when_*` sweeps.
+
+    python -m gatepro_dist.experiments.when_report [--out docs/results/when]
+
+Reads every finished run of ``configs/sweeps/when_init0.yaml``, ``when_default_init.yaml``,
+``when_lambda.yaml`` and ``when_hotswap.yaml`` (from the run directories or the sweeps' archive)
+and writes, under ``--out``:
+
+- ``zero_token.png``: the paper's Figure 4 in miniature, zero-token experts per layer against step;
+  one line per (init, router, balance loss), mean over seeds with a min-to-max band.
+- ``steps_to_threshold.csv``: per run and layer, the first step at which fewer than
+  ``THRESHOLD`` (20%) of the layer's experts received no token, or empty if that never happened.
+- ``paired.csv``: the same, GatePro against the baseline with the same seed and balance loss.
+- ``margin.png`` and ``lambda.csv``: the share of tokens whose k-th and (k+1)-th logits are closer
+  than λ (the decisions GatePro can change) against step, and the λ sweep's summary.
+- ``hotswap.csv``: GatePro never / first 25% / first 50% / always, per seed.
+- ``val_loss.png``: validation loss of the init-0 groups.
+
+Missing runs are left out (a sweep still running shows what has finished); every table says how
+many runs it holds.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+from pathlib import Path
+
+from .sweep import Run, Sweep, load_sweep, run_records
+
+THRESHOLD = 0.2  # "experts in use": fewer than 20% of a layer's experts received no token
+SWEEPS = ("when_init0", "when_default_init", "when_lambda", "when_hotswap")
+
+
+def steps_to_threshold(records: list[dict], layer: int, num_experts: int, threshold: float = THRESHOLD):
+    """First step at which layer ``layer`` had fewer than ``threshold * num_experts`` zero-token
+    experts; None if it never did."""
+    limit = threshold * num_experts
+    for r in records:
+        moe = r.get("moe") or []
+        if len(moe) > layer and moe[layer]["zero_token_experts"] < limit:
+            return r["step"]
+    return None
+
+
+def mean_below_penalty(record: dict) -> float | None:
+    values = [m["routing_margin"]["below_penalty"] for m in record.get("moe", []) if m.get("routing_margin")]
+    return sum(values) / len(values) if values else None
+
+
+def final_val_loss(records: list[dict]):
+    values = [r["val_loss"] for r in records if r.get("val_loss") is not None]
+    return values[-1] if values else None
+
+
+def changed_fraction(records: list[dict]):
+    routed = sum(m["routing_margin"]["tokens"] for r in records for m in r.get("moe", []) if m.get("routing_margin"))
+    changed = sum(m.get("gatepro_topk_changed", 0) for r in records for m in r.get("moe", []) if m.get("routing_margin"))
+    return changed / routed if routed else None
+
+
+def _axis(run: Run, key: str, default=None):
+    return run.axes.get(key, default)
+
+
+def _finished(sweep: Sweep) -> list[tuple[Run, list[dict]]]:
+    out = []
+    for run in sweep.runs:
+        records = run_records(sweep, run)
+        if records and records[-1].get("step", 0) >= _steps(sweep, run):
+            out.append((run, records))
+    return out
+
+
+def _steps(sweep: Sweep, run: Run) -> int:
+    from .sweep import run_config
+
+    return run_config(sweep, run).train.steps
+
+
+def _experts(sweep: Sweep, run: Run) -> int:
+    from .sweep import run_config
+
+    return run_config(sweep, run).moe.num_experts
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        path.unlink(missing_ok=True)
+        return
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: _fmt(v) for k, v in row.items()} for row in rows)
+
+
+def _label(init: str, run: Run) -> str:
+    gatepro = "GatePro" if _axis(run, "router.gatepro.enabled", True) else "baseline"
+    aux = _axis(run, "router.aux_loss_coef")
+    return f"init {init}, {gatepro}" + ("" if aux is None else f", balance {aux}")
+
+
+def build(configs: Path, out: Path) -> dict[str, int]:
+    """Write every table and plot; return how many finished runs each sweep contributed."""
+    sweeps = {name: load_sweep(configs / f"{name}.yaml") for name in SWEEPS}
+    done = {name: _finished(sweep) for name, sweep in sweeps.items()}
+    out.mkdir(parents=True, exist_ok=True)
+
+    # Steps to threshold, per run and layer, for the two init sweeps.
+    rows, curves = [], {}
+    for name, init in (("when_init0", "0"), ("when_default_init", "default")):
+        for run, records in done[name]:
+            layers = len(records[0].get("moe", []))
+            experts = _experts(sweeps[name], run)
+            curves.setdefault(_label(init, run), []).append(records)
+            rows.append({"sweep": name, "run": run.name, "init": init,
+                         "gatepro": _axis(run, "router.gatepro.enabled", True),
+                         "aux_loss_coef": _axis(run, "router.aux_loss_coef"), "seed": _axis(run, "train.seed", 0),
+                         **{f"layer{i}": steps_to_threshold(records, i, experts) for i in range(layers)},
+                         "final_val_loss": final_val_loss(records),
+                         "first_below_penalty": mean_below_penalty(next(r for r in records if r.get("moe"))),
+                         "gatepro_changed_fraction": changed_fraction(records)})
+    _write_csv(out / "steps_to_threshold.csv", rows)
+
+    paired = []
+    for row in rows:
+        if row["init"] != "0" or not row["gatepro"]:
+            continue
+        base = next((b for b in rows if b["init"] == "0" and not b["gatepro"] and b["seed"] == row["seed"]
+                     and b["aux_loss_coef"] == row["aux_loss_coef"]), None)
+        if base is None:
+            continue
+        layer_keys = [k for k in row if k.startswith("layer")]
+        paired.append({"aux_loss_coef": row["aux_loss_coef"], "seed": row["seed"],
+                       **{f"{k}_gatepro": row[k] for k in layer_keys}, **{f"{k}_baseline": base[k] for k in layer_keys},
+                       "val_loss_gatepro": row["final_val_loss"], "val_loss_baseline": base["final_val_loss"]})
+    _write_csv(out / "paired.csv", paired)
+
+    lam = []
+    for run, records in done["when_lambda"] + [(r, rec) for r, rec in done["when_init0"]
+                                               if _axis(r, "router.gatepro.enabled") and _axis(r, "train.seed") == 0
+                                               and _axis(r, "router.aux_loss_coef") == 0.01]:
+        cfg_penalty = _axis(run, "router.gatepro.penalty", 1e-4)
+        experts = _experts(sweeps["when_init0"], run)
+        layers = len(records[0].get("moe", []))
+        margin_steps = [r for r in records if mean_below_penalty(r) is not None]
+        lam.append({"penalty": cfg_penalty, "run": run.name,
+                    "below_penalty_step1": mean_below_penalty(margin_steps[0]) if margin_steps else None,
+                    "below_penalty_step100": next((mean_below_penalty(r) for r in margin_steps if r["step"] == 100), None),
+                    "below_penalty_last": mean_below_penalty(margin_steps[-1]) if margin_steps else None,
+                    "gatepro_changed_fraction": changed_fraction(records),
+                    **{f"layer{i}": steps_to_threshold(records, i, experts) for i in range(layers)},
+                    "final_val_loss": final_val_loss(records)})
+    lam.sort(key=lambda row: row["penalty"])
+    _write_csv(out / "lambda.csv", lam)
+
+    swap = []
+    controls = [(r, rec) for r, rec in done["when_init0"] if _axis(r, "router.aux_loss_coef") == 0.01]
+    for run, records in controls + done["when_hotswap"]:
+        schedule = _axis(run, "router.gatepro.schedule")
+        when = ("always" if _axis(run, "router.gatepro.enabled") else "never") if schedule is None \
+            else f"first {schedule[-1][0]} steps"
+        experts = _experts(sweeps["when_init0"], run)
+        layers = len(records[0].get("moe", []))
+        tail = records[-max(1, len(records) // 10):]
+        swap.append({"gatepro": when, "seed": _axis(run, "train.seed", 0),
+                     "final_val_loss": final_val_loss(records),
+                     "loss_last10pct": statistics.fmean(r["loss"] for r in tail),
+                     "zero_token_mean": statistics.fmean(sum(m["zero_token_experts"] for m in r["moe"]) / len(r["moe"])
+                                                         for r in records if r.get("moe")),
+                     **{f"layer{i}": steps_to_threshold(records, i, experts) for i in range(layers)}})
+    swap.sort(key=lambda row: (row["gatepro"], row["seed"]))
+    _write_csv(out / "hotswap.csv", swap)
+
+    _plots(out, curves, done)
+    return {name: len(runs) for name, runs in done.items()}
+
+
+def _band(ax, members: list[list[dict]], value, label: str, color, style="-") -> None:
+    by_step: dict[int, list[float]] = {}
+    for records in members:
+        for r in records:
+            v = value(r)
+            if v is not None:
+                by_step.setdefault(r["step"], []).append(float(v))
+    if not by_step:
+        return
+    steps = sorted(by_step)
+    ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], style, color=color, linewidth=1,
+            label=f"{label} ({len(members)} seed{'s' if len(members) > 1 else ''})")
+    if len(members) > 1:
+        ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
+                        color=color, alpha=0.2, linewidth=0)
+
+
+def _plots(out: Path, curves: dict[str, list[list[dict]]], done) -> None:
+    from matplotlib.figure import Figure
+
+    labels = sorted(curves)
+    if curves:
+        layers = max(len(members[0][0].get("moe", [])) for members in curves.values())
+        fig = Figure(figsize=(16, 3.6), layout="constrained")
+        axes = fig.subplots(1, layers, squeeze=False).ravel()
+        for layer, ax in enumerate(axes):
+            for i, label in enumerate(labels):
+                _band(ax, curves[label], lambda r, k=layer: r["moe"][k]["zero_token_experts"] if r.get("moe") else None,
+                      label, f"C{i}", "--" if "default" in label else "-")
+            ax.set(title=f"layer {layer}", xlabel="step", ylabel="zero-token experts (of 128)")
+        axes[0].legend(fontsize=6)
+        fig.savefig(out / "zero_token.png", dpi=110)
+
+        fig = Figure(figsize=(6, 4), layout="constrained")
+        ax = fig.subplots()
+        for i, label in enumerate(labels):
+            if "init 0" in label:
+                _band(ax, curves[label], lambda r: r.get("val_loss"), label, f"C{i}")
+        ax.set(xlabel="step", ylabel="validation loss", title="Validation loss, router init 0")
+        ax.legend(fontsize=6)
+        fig.savefig(out / "val_loss.png", dpi=110)
+
+    lam_runs = done["when_lambda"] + [(r, rec) for r, rec in done["when_init0"]
+                                      if _axis(r, "router.gatepro.enabled") and _axis(r, "train.seed") == 0
+                                      and _axis(r, "router.aux_loss_coef") == 0.01]
+    if lam_runs:
+        fig = Figure(figsize=(6, 4), layout="constrained")
+        ax = fig.subplots()
+        for i, (run, records) in enumerate(sorted(lam_runs, key=lambda x: _axis(x[0], "router.gatepro.penalty", 1e-4))):
+            _band(ax, [records], mean_below_penalty, f"λ={_axis(run, 'router.gatepro.penalty', 1e-4):g}", f"C{i}")
+        ax.set(xlabel="step", ylabel="share of tokens with margin < λ", yscale="log",
+               title="Decisions GatePro can change (mean over layers)")
+        ax.legend(fontsize=6)
+        fig.savefig(out / "margin.png", dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="when_report", description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="configs/sweeps", help="folder of the when_*.yaml sweep files")
+    parser.add_argument("--out", default="docs/results/when", help="where the tables and plots go")
+    args = parser.parse_args(argv)
+    counts = build(Path(args.configs), Path(args.out))
+    print("finished runs: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The when-does-GatePro-act report (docs/RESULTS.md) from the shipped sweep files, on synthetic
+archived runs: the tables pair the right runs and count the steps the right way."""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from gatepro_dist.experiments.sweep import load_sweep
+from gatepro_dist.experiments.when_report import SWEEPS, build, steps_to_threshold
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _records(zero_by_layer_at_step, steps=1000, val=2.0, changed=0):
+    records = []
+    for step in range(1, steps + 1):
+        moe = [{"layer": i, "zero_token_experts": zero(step), "gatepro_topk_changed": changed,
+                "routing_margin": {"tokens": 2048, "tied": 0.0, "below_penalty": 1.0 / step, "p10": 0.0,
+                                   "p50": 0.1, "p90": 0.5}} for i, zero in enumerate(zero_by_layer_at_step)]
+        records.append({"step": step, "loss": 3.0, "moe": moe, **({"val_loss": val} if step % 100 == 0 else {})})
+    return records
+
+
+def test_steps_to_threshold_is_the_first_step_below_twenty_percent():
+    records = _records([lambda s: max(0, 122 - s // 10), lambda s: 128])
+    assert steps_to_threshold(records, 0, 128) == 970  # 122 - 97 = 25 < 25.6
+    assert steps_to_threshold(records, 1, 128) is None
+
+
+def test_report_pairs_gatepro_with_the_baseline_of_the_same_seed(tmp_path):
+    configs = tmp_path / "configs" / "sweeps"
+    configs.mkdir(parents=True)
+    shutil.copy(ROOT / "configs" / "quickstart.yaml", tmp_path / "configs")
+    for name in SWEEPS:
+        text = (ROOT / "configs" / "sweeps" / f"{name}.yaml").read_text()
+        (configs / f"{name}.yaml").write_text(text.replace("../../docs/results/when/runs", str(tmp_path / "archive")))
+    sweep = load_sweep(configs / "when_init0.yaml")
+    for run in sweep.runs:  # GatePro reaches the threshold 100 steps sooner than the baseline
+        gatepro, aux, seed = (run.axes[k] for k in ("router.gatepro.enabled", "router.aux_loss_coef", "train.seed"))
+        lag = 0 if gatepro else 100
+        records = _records([lambda s, d=lag + 10 * seed: 128 if s < 200 + d else 0] * 4,
+                           val=2.0 if gatepro else 2.1, changed=5 if gatepro else 0)
+        path = tmp_path / "archive" / "when_init0" / f"{run.name}.jsonl.gz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(path, "wt") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in records)
+    counts = build(configs, tmp_path / "out")
+    assert counts == {"when_init0": 12, "when_default_init": 0, "when_lambda": 0, "when_hotswap": 0}
+    with open(tmp_path / "out" / "paired.csv") as fh:
+        paired = list(csv.DictReader(fh))
+    assert len(paired) == 6  # 2 balance-loss settings x 3 seeds
+    for row in paired:
+        assert int(row["layer0_baseline"]) - int(row["layer0_gatepro"]) == 100
+        assert int(row["layer0_gatepro"]) == 200 + 10 * int(row["seed"])
+    with open(tmp_path / "out" / "hotswap.csv") as fh:
+        assert sorted({r["gatepro"] for r in csv.DictReader(fh)}) == ["always", "never"]  # no swap run yet
+    with open(tmp_path / "out" / "lambda.csv") as fh:
+        lam = list(csv.DictReader(fh))
+    assert [float(r["penalty"]) for r in lam] == [1e-4]  # when_init0's GatePro run, seed 0, balance 0.01
+    assert float(lam[0]["gatepro_changed_fraction"]) == pytest.approx(5 / 2048, rel=1e-3)  # 4 digits in the CSV
+    assert (tmp_path / "out" / "zero_token.png").stat().st_size > 1000
