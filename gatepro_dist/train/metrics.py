@@ -11,6 +11,8 @@ One record per logged step, one JSON object per line of ``<run_dir>/metrics.json
               "aux_loss": 1.01, "z_loss": 2.3, "dropped_tokens": 0,
               "gatepro_penalised": 40, "gatepro_topk_changed": 2,
               "tokens_per_expert": [...N ints...],
+              "routing_margin": {"tokens": 2048, "tied": 0.0, "below_penalty": 0.001,
+                                 "p10": .., "p50": .., "p90": .., "below": {"1e-6": .., ..}},
               "similarity": {"mean_cos": .., "mean_angle_deg": .., "spectral_entropy": ..}},
              ...]}                                           # similarity only on some steps
 
