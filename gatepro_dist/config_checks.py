@@ -38,6 +38,21 @@ _RANGES = {
 }
 
 
+# cuBLAS is deterministic only with one of these workspace settings (CUDA's reproducibility notes).
+DETERMINISTIC_CUBLAS = (":4096:8", ":16:8")
+
+
+def check_cublas_workspace(deterministic: bool, environ=os.environ) -> None:
+    """``train.deterministic`` with a CUBLAS_WORKSPACE_CONFIG that cuBLAS cannot be deterministic
+    with is contradictory input: refused here, before any group exists (the GPU would refuse it
+    later; the trainer sets the variable when it is unset)."""
+    workspace = environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if deterministic and workspace is not None and workspace not in DETERMINISTIC_CUBLAS:
+        raise ConfigError(
+            f"train.deterministic=true needs CUBLAS_WORKSPACE_CONFIG in {DETERMINISTIC_CUBLAS} on CUDA, "
+            f"but the environment has {workspace!r}; unset it or set CUBLAS_WORKSPACE_CONFIG=:4096:8")
+
+
 def _fail(key: str, value: Any, problem: str, fix: str) -> ConfigError:
     return ConfigError(f"{key}={value!r} {problem}; {fix}")
 
@@ -55,6 +70,7 @@ def validate(cfg: Config, world_size: int) -> Config:
     _check_world(cfg, world_size)
     _check_paths(cfg)
     _check_deepspeed(cfg, world_size)
+    check_cublas_workspace(cfg.train.deterministic)
     return cfg
 
 

@@ -46,6 +46,11 @@ TABLE = [
      "moe.top_k=0 must be between 1 and moe.num_experts=8; choose 1 <= moe.top_k <= 8"),
     ("negative penalty", ["router.gatepro.penalty=-1e-4"], {},
      "router.gatepro.penalty=-0.0001 must be >= 0; set router.gatepro.penalty to zero or more"),
+    ("negative router init", ["router.init_std=-0.1"], {},
+     "router.init_std=-0.1 must be >= 0; set router.init_std to zero or more"),
+    ("nondeterministic cuBLAS workspace", ["train.deterministic=true"], {"CUBLAS_WORKSPACE_CONFIG": ":0:0"},
+     "train.deterministic=true needs CUBLAS_WORKSPACE_CONFIG in (':4096:8', ':16:8') on CUDA, but the environment "
+     "has ':0:0'; unset it or set CUBLAS_WORKSPACE_CONFIG=:4096:8"),
     ("NaN penalty", ["router.gatepro.penalty=.nan"], {},
      "router.gatepro.penalty=nan is not finite; set router.gatepro.penalty to a finite number"),
     ("infinite penalty", ["router.gatepro.penalty=.inf"], {},

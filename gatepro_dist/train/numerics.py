@@ -9,25 +9,21 @@ import os
 
 import torch
 
-from ..config import ConfigError, TrainConfig
-
-# cuBLAS is deterministic only with one of these workspace settings (CUDA's reproducibility notes).
-DETERMINISTIC_CUBLAS = (":4096:8", ":16:8")
+from ..config import TrainConfig
+from ..config_checks import DETERMINISTIC_CUBLAS, check_cublas_workspace
 
 
 def set_numerics(t: TrainConfig, device: torch.device, environ=os.environ) -> None:
     """TF32 for fp32 CUDA matmuls unless ``train.deterministic``; deterministic kernels when asked.
 
     On CUDA, ``train.deterministic`` needs CUBLAS_WORKSPACE_CONFIG before cuBLAS starts: it is set
-    here when unset, and a value cuBLAS cannot be deterministic with is refused.
+    here when unset, and a value cuBLAS cannot be deterministic with is refused (``validate``
+    refuses it first, before any process group exists).
     """
     if device.type == "cuda":
         if t.deterministic:
-            workspace = environ.setdefault("CUBLAS_WORKSPACE_CONFIG", DETERMINISTIC_CUBLAS[0])
-            if workspace not in DETERMINISTIC_CUBLAS:
-                raise ConfigError(
-                    f"train.deterministic=true needs CUBLAS_WORKSPACE_CONFIG in {DETERMINISTIC_CUBLAS} on CUDA, "
-                    f"but the environment has {workspace!r}; unset it or set CUBLAS_WORKSPACE_CONFIG=:4096:8")
+            environ.setdefault("CUBLAS_WORKSPACE_CONFIG", DETERMINISTIC_CUBLAS[0])
+            check_cublas_workspace(True, environ)
         torch.backends.cuda.matmul.allow_tf32 = not t.deterministic
         torch.backends.cudnn.allow_tf32 = not t.deterministic
     if t.deterministic:
