@@ -151,6 +151,9 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "global grad-norm clip (0 = off)")
     dtype: Literal["fp32", "bf16"] = _f("fp32", "compute dtype (router logits stay fp32)")
     deterministic: bool = _f(False, "force deterministic kernels")
+    activation_checkpointing: Literal["none", "moe", "block"] = _f(
+        "none", "recompute activations in backward instead of keeping them: none, moe (each MoE FFN: router, "
+        "dispatch, experts, combine) or block (each whole transformer block)")
     log_every: int = _f(1, "steps between metric lines")
     eval_every: int = _f(50, "steps between evaluations")
     eval_batches: int = _f(4, "batches per evaluation")
@@ -209,11 +212,12 @@ def gatepro_enabled_at(gatepro: GateProConfig, step: int) -> bool:
 
 
 # Keys left out of `config_hash`: they change how long a run goes, where it writes, how often it
-# reports, or how long a collective may wait -- never the numbers one step computes -- so a run
-# resumed with more steps (or a new run_dir) keeps its hash.
+# reports, how long a collective may wait, or what is kept for backward -- never the numbers one
+# step computes -- so a run resumed with more steps (or a new run_dir) keeps its hash.
 HASH_EXCLUDED_KEYS = (
     "train.steps", "train.resume", "train.run_dir", "train.log_every", "train.eval_every",
     "train.stats_every", "train.save_every", "train.progress", "parallel.timeout_s",
+    "train.activation_checkpointing",
 )
 
 

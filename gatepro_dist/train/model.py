@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..cluster import faults
 from ..config import Config
@@ -100,14 +101,26 @@ class Block(nn.Module):
             self.ffn = MoELayer(moe_spec(cfg), ep_group, balance_group)
         else:
             self.ffn = SwiGLU(m.d_model, m.dense_ffn_dim)
+        self.checkpointing = cfg.train.activation_checkpointing
 
     def forward(self, x, cos, sin) -> tuple[torch.Tensor, MoEStats | None]:
+        """With activation checkpointing (``train.activation_checkpointing``) the block, or its MoE
+        FFN, keeps only its inputs and runs again in backward, all-to-all included: every rank
+        recomputes the same layers in the same order, so the collectives pair up as in forward."""
+        if self.checkpointing == "block" and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
+        return self._forward(x, cos, sin)
+
+    def _forward(self, x, cos, sin) -> tuple[torch.Tensor, MoEStats | None]:
         x = x + self.attn(self.attn_norm(x), cos, sin)
-        ffn_out = self.ffn(self.ffn_norm(x))
+        h = self.ffn_norm(x)
         if isinstance(self.ffn, MoELayer):
-            ffn_out, stats = ffn_out
+            if self.checkpointing == "moe" and torch.is_grad_enabled():
+                ffn_out, stats = checkpoint(self.ffn, h, use_reentrant=False)
+            else:
+                ffn_out, stats = self.ffn(h)
             return x + ffn_out, stats
-        return x + ffn_out, None
+        return x + self.ffn(h), None
 
 
 class Transformer(nn.Module):

@@ -4,6 +4,7 @@
     gatepro-bench throughput [...]                    training tokens/s, MoE vs dense (bench/throughput.py)
     gatepro-bench comm [...]                          bytes per layer, cost model vs counted (bench/comm.py)
     gatepro-bench extremes [...]                      memory with every token on one expert (bench/extremes.py)
+    gatepro-bench checkpointing [...]                 memory and time with activation checkpointing (bench/checkpointing.py)
     gatepro-bench gpu [...]                           the GPU acceptance run: bf16 checks, training, timings (bench/gpu.py)
 
 Everything after the subcommand goes to that benchmark's own options (``gatepro-bench layer
@@ -20,6 +21,7 @@ COMMANDS = {
     "throughput": "training tokens/s of the quickstart model: MoE vs dense, 1 vs 2 processes",
     "comm": "communication per MoE layer: the cost model's bytes beside the counted bytes",
     "extremes": "peak memory of one layer when every token goes to one expert, dropless vs capacity",
+    "checkpointing": "a training step's saved activations, peak memory and time: none vs moe vs block",
     "gpu": "GPU acceptance: bf16 checks and tests on CUDA, 30 bf16 training steps, layer TFLOP/s vs Megatron",
 }
 

@@ -12,8 +12,6 @@ computes every token of the EP group; with a capacity no expert computes more th
 from __future__ import annotations
 
 import argparse
-import ctypes
-import statistics
 import sys
 
 import torch
@@ -22,13 +20,9 @@ import torch.distributed as dist
 from ...cluster import faults
 from ...cluster.spawn import run_on_ranks
 from ...moe.layer import MoELayer, MoESpec
+from .rounds import peak_memory_in_rounds
 
 ROUNDS = 3
-
-
-def _kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 
 
 def _worker(rank: int, world: int, args: argparse.Namespace, hot: bool, capacity_factor) -> tuple:
@@ -46,17 +40,9 @@ def _worker(rank: int, world: int, args: argparse.Namespace, hot: bool, capacity
         torch.autograd.backward([out_TD, stats.loss], [grad_TD, torch.ones_like(stats.loss)])
         return stats
 
-    step()
-    peaks = []
-    for _ in range(ROUNDS):
-        ctypes.CDLL(None).malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
-        dist.barrier()
-        before = _kib("VmRSS")
-        stats = step()
-        peaks.append((_kib("VmHWM") - before) / 1024)
-    return statistics.median(peaks), stats.expert_rows_max, stats.dropped_tokens
+    stats = step()
+    peak = peak_memory_in_rounds({"step": step}, ROUNDS, dist.barrier)["step"]
+    return (float("nan") if peak is None else peak / 2**20), stats.expert_rows_max, stats.dropped_tokens
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -4,6 +4,8 @@ per ep, and the table rows. ``layer.py`` describes the method.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import statistics
@@ -220,3 +222,39 @@ def floor_lines(cfg: BenchConfig, results: dict[int, dict]) -> list[str]:
                          f"(p10 {percentile(floor['wall'], 0.1) * 1e3:.1f}) = {gflop / wall:.1f} GFLOP/s per rank; "
                          f"{cpu * 1e3:.1f} ms cpu")
     return lines
+
+
+# ----------------------------------------------------------------------------- peak memory
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def step_peak_bytes(step, barrier) -> int | None:
+    """Resident memory ``step()`` adds at its peak; None where /proc or glibc cannot tell."""
+    barrier()
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # freed heap memory back to the kernel: RSS = live memory
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        before = _status_kib("VmRSS")
+    except (OSError, AttributeError):
+        step()  # the other ranks run it too: keep the collectives matched
+        return None
+    step()
+    return (_status_kib("VmHWM") - before) * 1024
+
+
+def peak_memory_in_rounds(steps: dict, rounds: int, barrier) -> dict[str, int | None]:
+    """The median over ``rounds`` of each step's ``step_peak_bytes``, the order rotating per round."""
+    peaks = {name: [] for name in steps}
+    for round_ in range(rounds):
+        for name in rotated(list(steps), round_):
+            peaks[name].append(step_peak_bytes(steps[name], barrier))
+    return {name: None if None in values else int(statistics.median(values)) for name, values in peaks.items()}

@@ -42,8 +42,6 @@ the same run. Above 1, ours is faster.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import io
 import json
 import logging
@@ -57,8 +55,8 @@ import torch.distributed as dist
 from ...moe.experts import SwiGLU
 from ...moe.layer import MoELayer, MoESpec
 from .rounds import (COLUMNS_LINE, HEADER as LAYER_HEADER, BenchConfig, Variant, dense_gemm_step, floor_lines,
-                     floor_name, format_row, join_ep, layer_step, paired_ratio, rotated, run_line, slowest_rank,
-                     time_in_rounds)
+                     floor_name, format_row, join_ep, layer_step, paired_ratio, peak_memory_in_rounds, run_line,
+                     slowest_rank, time_in_rounds)
 
 OURS_PLAIN, OURS_GATEPRO, DEEPSPEED = "ours plain top-k", "ours GatePro", "DeepSpeed top-k"
 ROWS = (OURS_PLAIN, OURS_GATEPRO, DEEPSPEED)
@@ -125,42 +123,6 @@ def output_difference(ours: MoELayer, moe, x_TD: torch.Tensor) -> tuple[float, f
     ours_TD, _ = ours(x_TD)
     theirs_TD, _, _ = moe(x_TD)
     return float((ours_TD - theirs_TD).abs().max()), float(ours_TD.abs().max())
-
-
-# ----------------------------------------------------------------------------- peak memory
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"/proc/self/status has no {field}")
-
-
-def step_peak_bytes(step, barrier) -> int | None:
-    """Resident memory ``step()`` adds at its peak; None where /proc or glibc cannot tell."""
-    barrier()
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)  # freed heap memory back to the kernel: RSS = live memory
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
-        before = _status_kib("VmRSS")
-    except (OSError, AttributeError):
-        step()  # the other ranks run it too: keep the collectives matched
-        return None
-    step()
-    return (_status_kib("VmHWM") - before) * 1024
-
-
-def peak_memory_in_rounds(steps: dict, rounds: int, barrier) -> dict[str, int | None]:
-    """The median over ``rounds`` of each step's ``step_peak_bytes``, the order rotating per round."""
-    peaks = {name: [] for name in steps}
-    for round_ in range(rounds):
-        for name in rotated(list(steps), round_):
-            peaks[name].append(step_peak_bytes(steps[name], barrier))
-    return {name: None if None in values else int(statistics.median(values)) for name, values in peaks.items()}
 
 
 # ----------------------------------------------------------------------------- what one rank runs
