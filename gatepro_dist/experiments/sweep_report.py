@@ -203,7 +203,7 @@ def aggregate(sweep: Sweep) -> Path:
 # ------------------------------------------------------------------------------------------ plots
 
 
-def _plot_band(ax, members: list[list[dict]], value, label: str, color) -> None:
+def plot_band(ax, members: list[list[dict]], value, label: str, color, style: str = "-") -> None:
     """Mean over ``members`` (one record list per seed) of ``value(record)`` per step; band: min to max."""
     by_step: dict[int, list[float]] = {}
     for records in members:
@@ -215,7 +215,7 @@ def _plot_band(ax, members: list[list[dict]], value, label: str, color) -> None:
         return
     steps = sorted(by_step)
     means = [statistics.fmean(by_step[s]) for s in steps]
-    ax.plot(steps, means, label=label, color=color, linewidth=1)
+    ax.plot(steps, means, style, label=label, color=color, linewidth=1)
     if len(members) > 1:
         ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
                         color=color, alpha=0.2, linewidth=0)
@@ -223,7 +223,7 @@ def _plot_band(ax, members: list[list[dict]], value, label: str, color) -> None:
 
 def _plot_groups(ax, groups: list[tuple[str, list[list[dict]]]], value) -> None:
     for i, (label, members) in enumerate(groups):
-        _plot_band(ax, members, value, label, f"C{i % 10}")
+        plot_band(ax, members, value, label, f"C{i % 10}")
 
 
 def _plots(sweep: Sweep, rows: list[dict], curves: dict[str, list[dict]], axis_keys: list[str]) -> None:

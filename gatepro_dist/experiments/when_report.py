@@ -27,7 +27,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from .sweep import Run, Sweep, load_sweep, run_records
+from .sweep import Run, Sweep, load_sweep, run_config, run_records
+from .sweep_report import plot_band
 
 THRESHOLD = 0.2  # "experts in use": fewer than 20% of a layer's experts received no token
 SWEEPS = ("when_init0", "when_default_init", "when_lambda", "when_hotswap")
@@ -74,14 +75,10 @@ def _finished(sweep: Sweep) -> list[tuple[Run, list[dict]]]:
 
 
 def _steps(sweep: Sweep, run: Run) -> int:
-    from .sweep import run_config
-
     return run_config(sweep, run).train.steps
 
 
 def _experts(sweep: Sweep, run: Run) -> int:
-    from .sweep import run_config
-
     return run_config(sweep, run).moe.num_experts
 
 
@@ -184,20 +181,7 @@ def build(configs: Path, out: Path) -> dict[str, int]:
 
 
 def _band(ax, members: list[list[dict]], value, label: str, color, style="-") -> None:
-    by_step: dict[int, list[float]] = {}
-    for records in members:
-        for r in records:
-            v = value(r)
-            if v is not None:
-                by_step.setdefault(r["step"], []).append(float(v))
-    if not by_step:
-        return
-    steps = sorted(by_step)
-    ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], style, color=color, linewidth=1,
-            label=f"{label} ({len(members)} seed{'s' if len(members) > 1 else ''})")
-    if len(members) > 1:
-        ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
-                        color=color, alpha=0.2, linewidth=0)
+    plot_band(ax, members, value, f"{label} ({len(members)} seed{'s' if len(members) > 1 else ''})", color, style)
 
 
 def _plots(out: Path, curves: dict[str, list[list[dict]]], done) -> None:

@@ -78,7 +78,6 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> dict:
             step()
             times.append(time.perf_counter() - began)
         results[mode] = {"saved": saved, "peak": peak, "time": statistics.median(times)}
-        del model
     return results
 
 
