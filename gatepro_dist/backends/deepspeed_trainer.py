@@ -8,22 +8,17 @@ the loss trajectory equals the native backend's (tests/test_deepspeed_backend.py
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
 from ..cluster.preemption import NonFiniteStop, PreemptionWatch
-from ..config import Config, config_hash
+from ..config import Config
 from ..moe import comm
 from ..train.checkpoint import check_compatible, read_manifest, resolve_resume
-from ..train.data import GlobalBatchSampler
-from ..train.metrics import MetricsWriter, ProgressBar
-from ..train.model import Transformer
-from ..train.numerics import set_numerics
 from ..train.optim import clip_gradients, global_grad_norm
 from ..train.parallel import ParallelGroups
-from ..train.step import (StepStats, TrainResult, begin_step, finish_step, load_data, micro_batch_loss, my_part,
-                          read_step)
+from ..train.step import (StepStats, TrainResult, begin_step, finish_step, micro_batch_loss, my_part,
+                          open_run_outputs, read_step, set_up_run)
 from .deepspeed_config import trainer_clips
 from .deepspeed_engine import (build_engine, ensure_process_group, import_deepspeed, load_deepspeed_checkpoint,
                                save_deepspeed_checkpoint)
@@ -44,18 +39,10 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
     t = cfg.train
     deepspeed = import_deepspeed(device)
     groups = ensure_process_group(groups, cfg, device)
-    run_dir = Path(t.run_dir)
-    if groups.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    set_numerics(t, device)  # TF32 and deterministic kernels as in the native trainer
-    torch.manual_seed(t.seed)
-
-    data = data if data is not None else load_data(cfg)
-    sampler = GlobalBatchSampler(len(data.train), t.global_batch_size, 1, 0, t.seed)
-    model = Transformer(cfg, groups.ep_group, groups.edp_group).to(device)
+    run = set_up_run(cfg, groups, device, data)  # TF32 and deterministic kernels as in the native trainer
+    run_dir, data, sampler, model, cfg_dict, cfg_hash = (run.run_dir, run.data, run.sampler, run.model,
+                                                         run.cfg_dict, run.cfg_hash)
     engine = build_engine(deepspeed, cfg, groups, model)
-    cfg_dict, cfg_hash = cfg.to_dict(), config_hash(cfg)
     we_clip = trainer_clips(cfg)
 
     start = 0
@@ -67,11 +54,7 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
         start = state["step"]
         if groups.is_main:
             log(f"resumed from {resume_from} at step {start}" + (f" (changed: {', '.join(changed)})" if changed else ""))
-
-    metrics = MetricsWriter(run_dir, enabled=groups.is_main)
-    if groups.is_main:
-        metrics.truncate_after(start + 1)
-    progress = ProgressBar(t.steps, enabled=groups.is_main and t.progress)
+    metrics, progress = open_run_outputs(cfg, groups, run_dir, start)
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     losses, val_loss = [], None
 

@@ -15,14 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from ..cluster.preemption import Preempted, PreemptionWatch
-from ..config import Config
+from ..config import Config, config_hash
 from ..moe import comm
 from ..moe.layer import MoEStats
 from ..moe.routing import gate_similarity_stats, margin_summary
 from .checkpoint import latest_checkpoint
-from .data import build_data
+from .data import GlobalBatchSampler, build_data
 from .metrics import MetricsWriter, ProgressBar
 from .model import Transformer
+from .numerics import set_numerics
 from .optim import lr_at
 from .parallel import ParallelGroups
 
@@ -223,3 +224,40 @@ def load_data(cfg: Config):
     """Train/validation views of the configured corpus (raises DataError on bad data)."""
     return build_data(cfg.data.source, cfg.data.seq_len, cfg.data.val_fraction, vocab_size=cfg.model.vocab_size,
                       bin_dtype=cfg.data.bin_dtype, max_bytes=cfg.data.max_bytes, tokenizer=cfg.data.tokenizer)
+
+
+@dataclass
+class RunSetup:
+    """What both engines build before their first step, in the same order (so the same seed
+    gives the same model and the same batches in either engine)."""
+
+    run_dir: Path
+    data: object
+    sampler: GlobalBatchSampler
+    model: Transformer
+    cfg_dict: dict
+    cfg_hash: str
+
+
+def set_up_run(cfg: Config, groups: ParallelGroups, device, data=None) -> RunSetup:
+    """Numerics, seed, data, sampler and the model on ``device``. Writes nothing."""
+    t = cfg.train
+    set_numerics(t, device)
+    torch.manual_seed(t.seed)
+    data = data if data is not None else load_data(cfg)
+    sampler = GlobalBatchSampler(len(data.train), t.global_batch_size, 1, 0, t.seed)
+    model = Transformer(cfg, groups.ep_group, groups.edp_group).to(device)
+    return RunSetup(Path(t.run_dir), data, sampler, model, cfg.to_dict(), config_hash(cfg))
+
+
+def open_run_outputs(cfg: Config, groups: ParallelGroups, run_dir: Path, start: int) -> tuple[MetricsWriter, ProgressBar]:
+    """After the checkpoint (if any) was accepted: the run directory, its resolved config, the
+    metrics log cut back to ``start`` and the progress line. Only rank 0 writes; called only now,
+    a refused checkpoint leaves the run directory as it was."""
+    if groups.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    metrics = MetricsWriter(run_dir, enabled=groups.is_main)
+    if groups.is_main:
+        metrics.truncate_after(start + 1)
+    return metrics, ProgressBar(cfg.train.steps, enabled=groups.is_main and cfg.train.progress)

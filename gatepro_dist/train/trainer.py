@@ -7,25 +7,22 @@ the same sequences whatever the layout, so dp x ep layouts follow the same loss 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
 from ..cluster import faults
 from ..cluster.preemption import NonFiniteStop, PreemptionWatch
-from ..config import Config, config_hash
+from ..config import Config
 from ..moe import comm
 from ..moe.layer import MoELayer
 from .checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, read_manifest, resolve_resume,
                          save_checkpoint)
-from .data import GlobalBatchSampler
-from .metrics import MetricsWriter, ProgressBar
 from .model import Transformer
-from .numerics import adamw, set_numerics
+from .numerics import adamw
 from .optim import OverlappedGradReducer, clip_gradients, global_grad_norm, param_groups
 from .parallel import ParallelGroups
-from .step import (StepStats, TrainResult, autocast, begin_step, finish_step, load_data, micro_batch_loss, my_part,
-                   read_step)
+from .step import (StepStats, TrainResult, autocast, begin_step, finish_step, micro_batch_loss, my_part,
+                   open_run_outputs, read_step, set_up_run)
 
 
 def locate_non_finite(model: Transformer, finite_L: torch.Tensor, groups: ParallelGroups) -> dict:
@@ -57,15 +54,10 @@ def locate_non_finite(model: Transformer, finite_L: torch.Tensor, groups: Parall
 def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=None, log=print,
           preemption: PreemptionWatch | None = None) -> TrainResult:
     t = cfg.train
-    run_dir = Path(t.run_dir)
-    set_numerics(t, device)
-    torch.manual_seed(t.seed)
-
-    data = data if data is not None else load_data(cfg)
-    sampler = GlobalBatchSampler(len(data.train), t.global_batch_size, 1, 0, t.seed)
-    model = Transformer(cfg, groups.ep_group, groups.edp_group).to(device)
+    run = set_up_run(cfg, groups, device, data)
+    run_dir, data, sampler, model, cfg_dict, cfg_hash = (run.run_dir, run.data, run.sampler, run.model,
+                                                         run.cfg_dict, run.cfg_hash)
     optimizer = adamw(param_groups(model, t.weight_decay), t, device)
-    cfg_dict, cfg_hash = cfg.to_dict(), config_hash(cfg)
 
     start = 0
     resume_from = resolve_resume(run_dir, t.resume, groups, log)  # damaged checkpoints are skipped
@@ -80,14 +72,7 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
             what = f"resumed from {resume_from} at step {start}"
         if groups.is_main:
             log(what + (f" (changed: {', '.join(changed)})" if changed else ""))
-    if groups.is_main:  # only now: a refused checkpoint leaves the run directory as it was
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-
-    metrics = MetricsWriter(run_dir, enabled=groups.is_main)
-    if groups.is_main:
-        metrics.truncate_after(start + 1)
-    progress = ProgressBar(t.steps, enabled=groups.is_main and t.progress)
+    metrics, progress = open_run_outputs(cfg, groups, run_dir, start)
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     losses, val_loss = [], None
     reducer = OverlappedGradReducer(model, groups)
