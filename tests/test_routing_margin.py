@@ -35,7 +35,7 @@ def _loop_counts(scores_TN: torch.Tensor, top_k: int, penalty: float) -> list[in
 
 def test_margin_counts_equal_a_per_token_loop():
     gen = torch.Generator().manual_seed(3)
-    scores = torch.randn(500, 16, generator=gen, dtype=torch.float64)
+    scores = torch.randn(500, 16, generator=gen)  # fp32, as the router's logits
     scores[:50, 5] = scores[:50, 9]  # exact ties, some of them at the k-th place
     scores[50:100] *= 1e-5  # tiny gaps, below the penalty
     scores[100:110] = 0.0  # every score tied (a zero-initialised router)
@@ -71,11 +71,11 @@ def test_router_reports_the_margins_of_its_selection_scores():
     router = GateProRouter(8, 16, 2, penalty=1e-3)
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
     routing = router(x)
-    assert routing.margin_counts.tolist() == _loop_counts(routing.logits_TN.detach().double(), 2, 1e-3)
+    assert routing.margin_counts.tolist() == _loop_counts(routing.logits_TN.detach(), 2, 1e-3)
     router.bias_enabled = True  # with the balancing bias on, selection ranks logits + bias
     router.expert_bias.copy_(torch.linspace(-1, 1, 16))
     biased = router(x)
-    expected = _loop_counts((biased.logits_TN.detach() + router.expert_bias).double(), 2, 1e-3)
+    expected = _loop_counts(biased.logits_TN.detach() + router.expert_bias, 2, 1e-3)
     assert biased.margin_counts.tolist() == expected != routing.margin_counts.tolist()
 
 

@@ -90,8 +90,8 @@ def routing_margin_counts(scores_TN: torch.Tensor, top_k: int, penalty: float) -
     counts = torch.zeros(MARGIN_FIELDS, dtype=torch.long, device=scores_TN.device)
     if top_k >= scores_TN.shape[1] or scores_TN.shape[0] == 0:
         return counts
-    top_TK1 = scores_TN.detach().to(torch.float64).topk(top_k + 1, dim=1).values
-    margin_T = top_TK1[:, top_k - 1] - top_TK1[:, top_k]
+    top_TK1 = scores_TN.detach().float().topk(top_k + 1, dim=1).values  # the scores selection ranks
+    margin_T = top_TK1[:, top_k - 1].double() - top_TK1[:, top_k].double()  # exact: fp32 values in fp64
     counts[0] = (margin_T == 0).sum()
     counts[1] = (margin_T < penalty).sum()
     bins_T = torch.bucketize(margin_T, margin_edges(margin_T.device), right=True)
