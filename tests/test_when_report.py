@@ -64,3 +64,5 @@ def test_report_pairs_gatepro_with_the_baseline_of_the_same_seed(tmp_path):
     assert [float(r["penalty"]) for r in lam] == [1e-4]  # when_init0's GatePro run, seed 0, balance 0.01
     assert float(lam[0]["gatepro_changed_fraction"]) == pytest.approx(5 / 2048, rel=1e-3)  # 4 digits in the CSV
     assert (tmp_path / "out" / "zero_token.png").stat().st_size > 1000
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| 0.01 | 3 | +100 (3/3 sooner) |" in summary  # layer 0: every seed 100 steps sooner

@@ -15,6 +15,8 @@ and writes, under ``--out``:
   than λ (the decisions GatePro can change) against step, and the λ sweep's summary.
 - ``hotswap.csv``: GatePro never / first 25% / first 50% / always, per seed.
 - ``val_loss.png``: validation loss of the init-0 groups.
+- ``summary.md``: the paired comparison (per layer: steps to the threshold with GatePro and
+  without, the difference, how many seeds agree), the λ table and the hot-swap table, in Markdown.
 
 Missing runs are left out (a sweep still running shows what has finished); every table says how
 many runs it holds.
@@ -120,6 +122,7 @@ def build(configs: Path, out: Path) -> dict[str, int]:
             rows.append({"sweep": name, "run": run.name, "init": init,
                          "gatepro": _axis(run, "router.gatepro.enabled", True),
                          "aux_loss_coef": _axis(run, "router.aux_loss_coef"), "seed": _axis(run, "train.seed", 0),
+                         "steps": records[-1]["step"],
                          **{f"layer{i}": steps_to_threshold(records, i, experts) for i in range(layers)},
                          "final_val_loss": final_val_loss(records),
                          "first_below_penalty": mean_below_penalty(next(r for r in records if r.get("moe"))),
@@ -135,7 +138,7 @@ def build(configs: Path, out: Path) -> dict[str, int]:
         if base is None:
             continue
         layer_keys = [k for k in row if k.startswith("layer")]
-        paired.append({"aux_loss_coef": row["aux_loss_coef"], "seed": row["seed"],
+        paired.append({"aux_loss_coef": row["aux_loss_coef"], "seed": row["seed"], "steps": row["steps"],
                        **{f"{k}_gatepro": row[k] for k in layer_keys}, **{f"{k}_baseline": base[k] for k in layer_keys},
                        "val_loss_gatepro": row["final_val_loss"], "val_loss_baseline": base["final_val_loss"]})
     _write_csv(out / "paired.csv", paired)
@@ -177,7 +180,58 @@ def build(configs: Path, out: Path) -> dict[str, int]:
     _write_csv(out / "hotswap.csv", swap)
 
     _plots(out, curves, done)
-    return {name: len(runs) for name, runs in done.items()}
+    counts = {name: len(runs) for name, runs in done.items()}
+    (out / "summary.md").write_text(_markdown(counts, paired, lam, swap))
+    return counts
+
+
+def _steps_text(value) -> str:
+    return "never" if value is None else str(value)
+
+
+def _markdown(counts: dict[str, int], paired: list[dict], lam: list[dict], swap: list[dict]) -> str:
+    """The RESULTS tables. A layer that never reached the threshold counts as the run's last
+    step + 1 in a difference, and the cell says so ("never")."""
+    lines = ["Finished runs: " + ", ".join(f"{name} {n}" for name, n in counts.items()) + ".", ""]
+    if paired:
+        layers = sorted({k[: -len("_gatepro")] for k in paired[0] if k.startswith("layer") and k.endswith("_gatepro")})
+        lines += [f"Steps until fewer than {THRESHOLD:.0%} of a layer's experts received no token "
+                  "(router init 0), GatePro / baseline, paired by seed:", "",
+                  "| balance loss | seed | " + " | ".join(layers) + " | final val loss, GatePro / baseline |",
+                  "|---|---|" + "---|" * len(layers) + "---|"]
+        for row in paired:
+            cells = [f"{_steps_text(row[f'{k}_gatepro'])} / {_steps_text(row[f'{k}_baseline'])}" for k in layers]
+            lines.append(f"| {row['aux_loss_coef']} | {row['seed']} | " + " | ".join(cells)
+                         + f" | {_fmt(row['val_loss_gatepro'])} / {_fmt(row['val_loss_baseline'])} |")
+        lines += ["", "Mean over seeds of (baseline − GatePro) steps, and seeds where GatePro got there first:", "",
+                  "| balance loss | seeds | " + " | ".join(layers) + " |", "|---|---|" + "---|" * len(layers)]
+        for aux in sorted({row["aux_loss_coef"] for row in paired}, reverse=True):
+            rows = [row for row in paired if row["aux_loss_coef"] == aux]
+            cells = []
+            for k in layers:
+                diffs = [(row[f"{k}_baseline"] or row["steps"] + 1) - (row[f"{k}_gatepro"] or row["steps"] + 1)
+                         for row in rows]
+                cells.append(f"{statistics.fmean(diffs):+.0f} ({sum(d > 0 for d in diffs)}/{len(diffs)} sooner)")
+            lines.append(f"| {aux} | {len(rows)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if lam:
+        lines += ["λ at router init 0 (balance loss 0.01, seed 0):", "",
+                  "| λ | share of tokens with margin < λ: step 1 / 100 / last | tokens whose set GatePro changed | "
+                  "final val loss |", "|---|---|---|---|"]
+        for row in lam:
+            lines.append(f"| {row['penalty']:g} | {_fmt(row['below_penalty_step1'])} / {_fmt(row['below_penalty_step100'])}"
+                         f" / {_fmt(row['below_penalty_last'])} | {_fmt(row['gatepro_changed_fraction'])} | "
+                         f"{_fmt(row['final_val_loss'])} |")
+        lines.append("")
+    if swap:
+        lines += ["Hot swap at router init 0 (balance loss 0.01):", "",
+                  "| GatePro | seed | final val loss | training loss, last 10% | zero-token experts per layer, mean |",
+                  "|---|---|---|---|---|"]
+        for row in swap:
+            lines.append(f"| {row['gatepro']} | {row['seed']} | {_fmt(row['final_val_loss'])} | "
+                         f"{_fmt(row['loss_last10pct'])} | {_fmt(row['zero_token_mean'])} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _band(ax, members: list[list[dict]], value, label: str, color, style="-") -> None:
