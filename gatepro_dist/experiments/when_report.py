@@ -8,8 +8,9 @@ and writes, under ``--out``:
 
 - ``zero_token.png``: the paper's Figure 4 in miniature, zero-token experts per layer against step;
   one line per (init, router, balance loss), mean over seeds with a min-to-max band.
-- ``steps_to_threshold.csv``: per run and layer, the first step at which fewer than
-  ``THRESHOLD`` (20%) of the layer's experts received no token, or empty if that never happened.
+- ``steps_to_threshold.csv``: per run and layer, the step from which fewer than ``THRESHOLD``
+  (20%) of the layer's experts received no token until the end (``layer<i>``), and the step at
+  which that first happened (``first_layer<i>``); empty if it never did.
 - ``paired.csv``: the same, GatePro against the baseline with the same seed and balance loss.
 - ``margin.png`` and ``lambda.csv``: the share of tokens whose k-th and (k+1)-th logits are closer
   than λ (the decisions GatePro can change) against step, and the λ sweep's summary.
@@ -36,15 +37,26 @@ THRESHOLD = 0.2  # "experts in use": fewer than 20% of a layer's experts receive
 SWEEPS = ("when_init0", "when_default_init", "when_lambda", "when_hotswap")
 
 
-def steps_to_threshold(records: list[dict], layer: int, num_experts: int, threshold: float = THRESHOLD):
-    """First step at which layer ``layer`` had fewer than ``threshold * num_experts`` zero-token
-    experts; None if it never did."""
+def steps_to_threshold(records: list[dict], layer: int, num_experts: int, threshold: float = THRESHOLD,
+                       for_good: bool = False):
+    """The step at which layer ``layer`` first had fewer than ``threshold * num_experts``
+    zero-token experts (``for_good``: from which it stayed below until the last step); None if
+    it never did (or, ``for_good``, was above again at the last step).
+
+    Both matter at router init 0: the count first dips within ~20 steps, while the learning rate
+    is still small, then the experts collapse again as it warms up; "for good" is when usage
+    really spread."""
     limit = threshold * num_experts
-    for r in records:
-        moe = r.get("moe") or []
-        if len(moe) > layer and moe[layer]["zero_token_experts"] < limit:
-            return r["step"]
-    return None
+    counts = [(r["step"], r["moe"][layer]["zero_token_experts"]) for r in records if len(r.get("moe") or []) > layer]
+    if not for_good:
+        return next((step for step, count in counts if count < limit), None)
+    since = None
+    for step, count in counts:
+        if count >= limit:
+            since = None
+        elif since is None:
+            since = step
+    return since
 
 
 def mean_below_penalty(record: dict) -> float | None:
@@ -123,7 +135,8 @@ def build(configs: Path, out: Path) -> dict[str, int]:
                          "gatepro": _axis(run, "router.gatepro.enabled", True),
                          "aux_loss_coef": _axis(run, "router.aux_loss_coef"), "seed": _axis(run, "train.seed", 0),
                          "steps": records[-1]["step"],
-                         **{f"layer{i}": steps_to_threshold(records, i, experts) for i in range(layers)},
+                         **{f"layer{i}": steps_to_threshold(records, i, experts, for_good=True) for i in range(layers)},
+                         **{f"first_layer{i}": steps_to_threshold(records, i, experts) for i in range(layers)},
                          "final_val_loss": final_val_loss(records),
                          "first_below_penalty": mean_below_penalty(next(r for r in records if r.get("moe"))),
                          "gatepro_changed_fraction": changed_fraction(records)})
@@ -137,7 +150,7 @@ def build(configs: Path, out: Path) -> dict[str, int]:
                      and b["aux_loss_coef"] == row["aux_loss_coef"]), None)
         if base is None:
             continue
-        layer_keys = [k for k in row if k.startswith("layer")]
+        layer_keys = [k for k in row if k.startswith(("layer", "first_layer"))]
         paired.append({"aux_loss_coef": row["aux_loss_coef"], "seed": row["seed"], "steps": row["steps"],
                        **{f"{k}_gatepro": row[k] for k in layer_keys}, **{f"{k}_baseline": base[k] for k in layer_keys},
                        "val_loss_gatepro": row["final_val_loss"], "val_loss_baseline": base["final_val_loss"]})
@@ -156,7 +169,7 @@ def build(configs: Path, out: Path) -> dict[str, int]:
                     "below_penalty_step100": next((mean_below_penalty(r) for r in margin_steps if r["step"] == 100), None),
                     "below_penalty_last": mean_below_penalty(margin_steps[-1]) if margin_steps else None,
                     "gatepro_changed_fraction": changed_fraction(records),
-                    **{f"layer{i}": steps_to_threshold(records, i, experts) for i in range(layers)},
+                    **{f"layer{i}": steps_to_threshold(records, i, experts, for_good=True) for i in range(layers)},
                     "final_val_loss": final_val_loss(records)})
     lam.sort(key=lambda row: row["penalty"])
     _write_csv(out / "lambda.csv", lam)
@@ -175,7 +188,7 @@ def build(configs: Path, out: Path) -> dict[str, int]:
                      "loss_last10pct": statistics.fmean(r["loss"] for r in tail),
                      "zero_token_mean": statistics.fmean(sum(m["zero_token_experts"] for m in r["moe"]) / len(r["moe"])
                                                          for r in records if r.get("moe")),
-                     **{f"layer{i}": steps_to_threshold(records, i, experts) for i in range(layers)}})
+                     **{f"layer{i}": steps_to_threshold(records, i, experts, for_good=True) for i in range(layers)}})
     swap.sort(key=lambda row: (row["gatepro"], row["seed"]))
     _write_csv(out / "hotswap.csv", swap)
 
@@ -189,31 +202,38 @@ def _steps_text(value) -> str:
     return "never" if value is None else str(value)
 
 
+def _paired_tables(paired: list[dict], prefix: str, what: str) -> list[str]:
+    layers = sorted({k[: -len("_gatepro")] for k in paired[0] if k.startswith(prefix) and k.endswith("_gatepro")},
+                    key=lambda k: int(k[len(prefix):]))
+    names = [f"layer {k[len(prefix):]}" for k in layers]
+    lines = [f"The step {what} (router init 0), GatePro / baseline, paired by seed:", "",
+             "| balance loss | seed | " + " | ".join(names) + " | final val loss, GatePro / baseline |",
+             "|---|---|" + "---|" * len(layers) + "---|"]
+    for row in paired:
+        cells = [f"{_steps_text(row[f'{k}_gatepro'])} / {_steps_text(row[f'{k}_baseline'])}" for k in layers]
+        lines.append(f"| {row['aux_loss_coef']} | {row['seed']} | " + " | ".join(cells)
+                     + f" | {_fmt(row['val_loss_gatepro'])} / {_fmt(row['val_loss_baseline'])} |")
+    lines += ["", "Mean over seeds of (baseline − GatePro) steps, and the seeds where GatePro got there first:", "",
+              "| balance loss | seeds | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(layers)]
+    for aux in sorted({row["aux_loss_coef"] for row in paired}, reverse=True):
+        rows = [row for row in paired if row["aux_loss_coef"] == aux]
+        cells = []
+        for k in layers:
+            diffs = [(row[f"{k}_baseline"] or row["steps"] + 1) - (row[f"{k}_gatepro"] or row["steps"] + 1)
+                     for row in rows]
+            cells.append(f"{statistics.fmean(diffs):+.0f} ({sum(d > 0 for d in diffs)}/{len(diffs)} sooner)")
+        lines.append(f"| {aux} | {len(rows)} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _markdown(counts: dict[str, int], paired: list[dict], lam: list[dict], swap: list[dict]) -> str:
     """The RESULTS tables. A layer that never reached the threshold counts as the run's last
     step + 1 in a difference, and the cell says so ("never")."""
     lines = ["Finished runs: " + ", ".join(f"{name} {n}" for name, n in counts.items()) + ".", ""]
-    if paired:
-        layers = sorted({k[: -len("_gatepro")] for k in paired[0] if k.startswith("layer") and k.endswith("_gatepro")})
-        lines += [f"Steps until fewer than {THRESHOLD:.0%} of a layer's experts received no token "
-                  "(router init 0), GatePro / baseline, paired by seed:", "",
-                  "| balance loss | seed | " + " | ".join(layers) + " | final val loss, GatePro / baseline |",
-                  "|---|---|" + "---|" * len(layers) + "---|"]
-        for row in paired:
-            cells = [f"{_steps_text(row[f'{k}_gatepro'])} / {_steps_text(row[f'{k}_baseline'])}" for k in layers]
-            lines.append(f"| {row['aux_loss_coef']} | {row['seed']} | " + " | ".join(cells)
-                         + f" | {_fmt(row['val_loss_gatepro'])} / {_fmt(row['val_loss_baseline'])} |")
-        lines += ["", "Mean over seeds of (baseline − GatePro) steps, and seeds where GatePro got there first:", "",
-                  "| balance loss | seeds | " + " | ".join(layers) + " |", "|---|---|" + "---|" * len(layers)]
-        for aux in sorted({row["aux_loss_coef"] for row in paired}, reverse=True):
-            rows = [row for row in paired if row["aux_loss_coef"] == aux]
-            cells = []
-            for k in layers:
-                diffs = [(row[f"{k}_baseline"] or row["steps"] + 1) - (row[f"{k}_gatepro"] or row["steps"] + 1)
-                         for row in rows]
-                cells.append(f"{statistics.fmean(diffs):+.0f} ({sum(d > 0 for d in diffs)}/{len(diffs)} sooner)")
-            lines.append(f"| {aux} | {len(rows)} | " + " | ".join(cells) + " |")
-        lines.append("")
+    for prefix, what in (("layer", "from which fewer than {t} of a layer's experts received no token until the end"),
+                         ("first_layer", "at which fewer than {t} of a layer's experts first received no token")):
+        if paired:
+            lines += _paired_tables(paired, prefix, what.format(t=f"{THRESHOLD:.0%}"))
     if lam:
         lines += ["λ at router init 0 (balance loss 0.01, seed 0):", "",
                   "| λ | share of tokens with margin < λ: step 1 / 100 / last | tokens whose set GatePro changed | "
