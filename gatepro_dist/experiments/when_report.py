@@ -270,7 +270,7 @@ def _plots(out: Path, curves: dict[str, list[list[dict]]], done) -> None:
             for i, label in enumerate(labels):
                 _band(ax, curves[label], lambda r, k=layer: r["moe"][k]["zero_token_experts"] if r.get("moe") else None,
                       label, f"C{i}", "--" if "default" in label else "-")
-            ax.set(title=f"layer {layer}", xlabel="step", ylabel="zero-token experts (of 128)")
+            ax.set(title=f"layer {layer}", xlabel="step", ylabel="zero-token experts")
         axes[0].legend(fontsize=6)
         fig.savefig(out / "zero_token.png", dpi=110)
 
