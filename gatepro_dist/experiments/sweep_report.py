@@ -40,6 +40,7 @@ import math
 import statistics
 from pathlib import Path
 
+from ..train.report import gatepro_changed_fraction, mean_below_penalty
 from .sweep import Sweep, run_records
 
 SEED_AXIS = "train.seed"
@@ -85,12 +86,8 @@ def summarize_run(records: list[dict]) -> dict:
     def summed(name: str) -> int:
         return sum(l.get(name, 0) for r in records for l in r.get("moe", []))
 
-    def below_penalty(record: dict):
-        values = [l["routing_margin"]["below_penalty"] for l in record.get("moe", []) if l.get("routing_margin")]
-        return sum(values) / len(values) if values else ""
-
-    with_margin = [r for r in records if any(l.get("routing_margin") for l in r.get("moe", []))]
-    routed = sum(l["routing_margin"]["tokens"] for r in with_margin for l in r["moe"] if l.get("routing_margin"))
+    with_margin = [r for r in records if mean_below_penalty(r) is not None]
+    changed_fraction = gatepro_changed_fraction(records)
 
     return {
         "steps": last["step"],
@@ -110,10 +107,9 @@ def summarize_run(records: list[dict]) -> dict:
         "all_experts_used_from_step": used_from,
         "mean_zero_token_experts": sum(zero_per_layer.values()) / len(zero_per_layer) if zero_per_layer else "",
         "mean_loss_last10pct": statistics.fmean(r["loss"] for r in tail) if all("loss" in r for r in tail) else "",
-        "first_below_penalty": below_penalty(with_margin[0]) if with_margin else "",
-        "final_below_penalty": below_penalty(with_margin[-1]) if with_margin else "",
-        "gatepro_changed_fraction": (sum(l.get("gatepro_topk_changed", 0) for r in with_margin for l in r["moe"])
-                                     / routed) if routed else "",
+        "first_below_penalty": mean_below_penalty(with_margin[0]) if with_margin else "",
+        "final_below_penalty": mean_below_penalty(with_margin[-1]) if with_margin else "",
+        "gatepro_changed_fraction": "" if changed_fraction is None else changed_fraction,
     }
 
 

@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 from .sweep import Run, Sweep, load_sweep, run_config, run_records
+from ..train.report import gatepro_changed_fraction, mean_below_penalty
 from .sweep_report import plot_band
 
 THRESHOLD = 0.2  # "experts in use": fewer than 20% of a layer's experts received no token
@@ -59,20 +60,9 @@ def steps_to_threshold(records: list[dict], layer: int, num_experts: int, thresh
     return since
 
 
-def mean_below_penalty(record: dict) -> float | None:
-    values = [m["routing_margin"]["below_penalty"] for m in record.get("moe", []) if m.get("routing_margin")]
-    return sum(values) / len(values) if values else None
-
-
 def final_val_loss(records: list[dict]):
     values = [r["val_loss"] for r in records if r.get("val_loss") is not None]
     return values[-1] if values else None
-
-
-def changed_fraction(records: list[dict]):
-    routed = sum(m["routing_margin"]["tokens"] for r in records for m in r.get("moe", []) if m.get("routing_margin"))
-    changed = sum(m.get("gatepro_topk_changed", 0) for r in records for m in r.get("moe", []) if m.get("routing_margin"))
-    return changed / routed if routed else None
 
 
 def _axis(run: Run, key: str, default=None):
@@ -139,7 +129,7 @@ def build(configs: Path, out: Path) -> dict[str, int]:
                          **{f"first_layer{i}": steps_to_threshold(records, i, experts) for i in range(layers)},
                          "final_val_loss": final_val_loss(records),
                          "first_below_penalty": mean_below_penalty(next(r for r in records if r.get("moe"))),
-                         "gatepro_changed_fraction": changed_fraction(records)})
+                         "gatepro_changed_fraction": gatepro_changed_fraction(records)})
     _write_csv(out / "steps_to_threshold.csv", rows)
 
     paired = []
@@ -157,9 +147,11 @@ def build(configs: Path, out: Path) -> dict[str, int]:
     _write_csv(out / "paired.csv", paired)
 
     lam = []
-    for run, records in done["when_lambda"] + [(r, rec) for r, rec in done["when_init0"]
-                                               if _axis(r, "router.gatepro.enabled") and _axis(r, "train.seed") == 0
-                                               and _axis(r, "router.aux_loss_coef") == 0.01]:
+    lam_runs = sorted(done["when_lambda"] + [(r, rec) for r, rec in done["when_init0"]
+                                             if _axis(r, "router.gatepro.enabled") and _axis(r, "train.seed") == 0
+                                             and _axis(r, "router.aux_loss_coef") == 0.01],
+                      key=lambda item: _axis(item[0], "router.gatepro.penalty", 1e-4))
+    for run, records in lam_runs:
         cfg_penalty = _axis(run, "router.gatepro.penalty", 1e-4)
         experts = _experts(sweeps["when_init0"], run)
         layers = len(records[0].get("moe", []))
@@ -168,10 +160,9 @@ def build(configs: Path, out: Path) -> dict[str, int]:
                     "below_penalty_step1": mean_below_penalty(margin_steps[0]) if margin_steps else None,
                     "below_penalty_step100": next((mean_below_penalty(r) for r in margin_steps if r["step"] == 100), None),
                     "below_penalty_last": mean_below_penalty(margin_steps[-1]) if margin_steps else None,
-                    "gatepro_changed_fraction": changed_fraction(records),
+                    "gatepro_changed_fraction": gatepro_changed_fraction(records),
                     **{f"layer{i}": steps_to_threshold(records, i, experts, for_good=True) for i in range(layers)},
                     "final_val_loss": final_val_loss(records)})
-    lam.sort(key=lambda row: row["penalty"])
     _write_csv(out / "lambda.csv", lam)
 
     swap = []
@@ -192,7 +183,7 @@ def build(configs: Path, out: Path) -> dict[str, int]:
     swap.sort(key=lambda row: (row["gatepro"], row["seed"]))
     _write_csv(out / "hotswap.csv", swap)
 
-    _plots(out, curves, done)
+    _plots(out, curves, lam_runs)
     counts = {name: len(runs) for name, runs in done.items()}
     (out / "summary.md").write_text(_markdown(counts, paired, lam, swap))
     return counts
@@ -258,7 +249,7 @@ def _band(ax, members: list[list[dict]], value, label: str, color, style="-") ->
     plot_band(ax, members, value, f"{label} ({len(members)} seed{'s' if len(members) > 1 else ''})", color, style)
 
 
-def _plots(out: Path, curves: dict[str, list[list[dict]]], done) -> None:
+def _plots(out: Path, curves: dict[str, list[list[dict]]], lam_runs: list[tuple[Run, list[dict]]]) -> None:
     from matplotlib.figure import Figure
 
     labels = sorted(curves)
@@ -283,13 +274,10 @@ def _plots(out: Path, curves: dict[str, list[list[dict]]], done) -> None:
         ax.legend(fontsize=6)
         fig.savefig(out / "val_loss.png", dpi=110)
 
-    lam_runs = done["when_lambda"] + [(r, rec) for r, rec in done["when_init0"]
-                                      if _axis(r, "router.gatepro.enabled") and _axis(r, "train.seed") == 0
-                                      and _axis(r, "router.aux_loss_coef") == 0.01]
     if lam_runs:
         fig = Figure(figsize=(6, 4), layout="constrained")
         ax = fig.subplots()
-        for i, (run, records) in enumerate(sorted(lam_runs, key=lambda x: _axis(x[0], "router.gatepro.penalty", 1e-4))):
+        for i, (run, records) in enumerate(lam_runs):
             _band(ax, [records], mean_below_penalty, f"λ={_axis(run, 'router.gatepro.penalty', 1e-4):g}", f"C{i}")
         ax.set(xlabel="step", ylabel="share of tokens with margin < λ", yscale="log",
                title="Decisions GatePro can change (mean over layers)")

@@ -165,8 +165,6 @@ def summarize(records: list[dict]) -> RunSummary:
     }
     states = [r["gatepro"] for r in records if isinstance(r.get("gatepro"), bool)]
     final_margin = {m.get("layer", i): m["routing_margin"] for i, m in enumerate(last_moe) if m.get("routing_margin")}
-    routed = sum(m["routing_margin"]["tokens"] for r in records for m in r.get("moe", []) if m.get("routing_margin"))
-    changed = sum(m.get("gatepro_topk_changed", 0) for r in records for m in r.get("moe", []) if m.get("routing_margin"))
     return RunSummary(
         num_records=len(records),
         first_step=records[0]["step"],
@@ -180,8 +178,22 @@ def summarize(records: list[dict]) -> RunSummary:
         gatepro_final=states[-1] if states else None,
         gatepro_switches=_gatepro_switches(records),
         final_margin=dict(sorted(final_margin.items())),
-        topk_changed_fraction=changed / routed if routed else None,
+        topk_changed_fraction=gatepro_changed_fraction(records),
     )
+
+
+def mean_below_penalty(record: dict) -> float | None:
+    """Share of tokens whose routing margin is below GatePro's penalty, averaged over the record's
+    MoE layers; None when the record has no margin."""
+    values = [m["routing_margin"]["below_penalty"] for m in record.get("moe", []) if m.get("routing_margin")]
+    return sum(values) / len(values) if values else None
+
+
+def gatepro_changed_fraction(records: list[dict]) -> float | None:
+    """Tokens whose expert set GatePro changed over the tokens routed, all steps and layers."""
+    layers = [m for r in records for m in r.get("moe", []) if m.get("routing_margin")]
+    routed = sum(m["routing_margin"]["tokens"] for m in layers)
+    return sum(m.get("gatepro_topk_changed", 0) for m in layers) / routed if routed else None
 
 
 def _on_off(state: bool) -> str:
