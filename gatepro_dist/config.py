@@ -121,6 +121,7 @@ class RouterConfig:
 @dataclass
 class ParallelConfig:
     ep: int = _f(1, "expert-parallel group size; must divide world size and num_experts")
+    dp_shard: bool = _f(False, "shard parameters, gradients and AdamW state with FSDP2 (dense over all ranks, experts over their EDP ranks) instead of replicating them")
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", "torch.distributed backend (auto: nccl on GPU else gloo)")
     timeout_s: float = _f(600.0, "collective timeout in seconds")
 

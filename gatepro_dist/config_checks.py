@@ -164,6 +164,12 @@ def _check_world(cfg: Config, world_size: int) -> None:
     if world_size % ep:
         raise _fail("parallel.ep", ep, f"does not divide the world size {world_size}",
                     f"choose parallel.ep from the divisors of {world_size}")
+    if cfg.parallel.dp_shard and world_size == 1:
+        raise _fail("parallel.dp_shard", True, "shards over the ranks of the job and this job has one process",
+                    "set parallel.dp_shard=false, or launch 2 or more processes (torchrun --nproc-per-node=N)")
+    if cfg.parallel.dp_shard and t.backend == "deepspeed":
+        raise _fail("parallel.dp_shard", True, "is the native engine's FSDP2 sharding; DeepSpeed shards with ZeRO",
+                    "set parallel.dp_shard=false and choose deepspeed.zero_stage, or train.backend=native")
     per_step = world_size * t.grad_accum
     if t.global_batch_size % per_step:
         raise _fail("train.global_batch_size", t.global_batch_size,

@@ -79,6 +79,12 @@ TABLE = [
      "parallel.ep=2 does not divide the world size 3; choose parallel.ep from the divisors of 3"),
     ("experts not divisible by ep", ["parallel.ep=3"], {**TORCHRUN_2, "WORLD_SIZE": "3"},
      "moe.num_experts=8 is not divisible by parallel.ep=3; choose parallel.ep that divides moe.num_experts"),
+    ("dp_shard on one process", ["parallel.dp_shard=true"], {},
+     "parallel.dp_shard=True shards over the ranks of the job and this job has one process; set "
+     "parallel.dp_shard=false, or launch 2 or more processes (torchrun --nproc-per-node=N)"),
+    ("dp_shard with DeepSpeed", ["parallel.dp_shard=true", "train.backend=deepspeed"], TORCHRUN_2,
+     "parallel.dp_shard=True is the native engine's FSDP2 sharding; DeepSpeed shards with ZeRO; set "
+     "parallel.dp_shard=false and choose deepspeed.zero_stage, or train.backend=native"),
     ("batch not divisible by the world", ["train.global_batch_size=6"], {**TORCHRUN_2, "WORLD_SIZE": "4"},
      "train.global_batch_size=6 is not divisible by world_size*train.grad_accum=4*1; use a multiple of 4"),
     ("missing config file", ["@missing.yaml"], {},

@@ -31,7 +31,7 @@ def tiny_config(run_dir, *overrides, world_size=1):
 
 def _train_worker(rank, world, run_dir, overrides):
     cfg = tiny_config(run_dir, *overrides, world_size=world)
-    groups = build_parallel_groups(cfg.parallel.ep)
+    groups = build_parallel_groups(cfg.parallel.ep, "cpu", cfg.parallel.dp_shard)
     return train(cfg, groups, log=lambda *_: None).losses
 
 

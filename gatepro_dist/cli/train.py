@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg, topology, device, data, train, preemption) -> int:
-    groups = build_parallel_groups(cfg.parallel.ep, device.type)
+    groups = build_parallel_groups(cfg.parallel.ep, device.type, cfg.parallel.dp_shard)
     table = rank_map(topology, groups)
     if groups.is_main:
         print("gatepro-train: " + table, flush=True)

@@ -101,6 +101,13 @@ class _AllGatherRows(torch.autograd.Function):
         return grad_full[rank * rows : (rank + 1) * rows].clone(), None
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t``: its local shard if ``t`` is a DTensor (parameters under
+    ``parallel.dp_shard``), else ``t`` itself. Differentiable."""
+    to_local = getattr(t, "to_local", None)
+    return t if to_local is None else to_local()
+
+
 def all_gather_rows(local: torch.Tensor, group) -> torch.Tensor:
     """All-gather along dim 0 with autograd (backward is a reduce-scatter)."""
     if group_size(group) == 1:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .comm import local_tensor
 from .router import mark_expert_parallel, seeded_rows
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -103,7 +104,7 @@ class GroupedExperts(nn.Module):
             self.down_proj.copy_(seeded_rows(e, first, (f, d), 1 / math.sqrt(f), 2 * seed + 2))
 
     def forward(self, x_MD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        gate_up, down = self.gate_up_proj.to(x_MD.dtype), self.down_proj.to(x_MD.dtype)
+        gate_up, down = local_tensor(self.gate_up_proj).to(x_MD.dtype), local_tensor(self.down_proj).to(x_MD.dtype)
         if x_MD.shape[0] == 0:
             # Nothing arrived. Keep the input and the parameters in the autograd graph anyway:
             # every rank must run the same backward collectives (the all-to-all that brought

@@ -40,7 +40,6 @@ class Routing:
     # host wait for the router at every layer; the trainer reads a step's statistics at once.
     gatepro_penalised: torch.Tensor  # (token, expert) entries that received the penalty, this rank
     gatepro_topk_changed: torch.Tensor  # tokens whose selected set differs from plain top-k, this rank
-    gate_weight_ND: torch.Tensor  # the gathered router weight the decision was made with
     margin_counts: torch.Tensor  # routing_margin_counts of this rank's tokens (how close each k-th choice was)
 
 
@@ -126,7 +125,7 @@ class GateProRouter(nn.Module):
             )
 
     def gathered_weight(self) -> torch.Tensor:
-        return comm.all_gather_rows(self.weight, self.ep_group)
+        return comm.all_gather_rows(comm.local_tensor(self.weight), self.ep_group)
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         if x_TD.shape[-1] != self.hidden_size:
@@ -145,7 +144,7 @@ class GateProRouter(nn.Module):
         if not (self.gatepro_enabled and self.penalty > 0):
             plain = select_top_k(logits_TN, self.top_k, bias_N, self.normalize_topk)
             none = torch.zeros((), dtype=torch.long, device=logits_TN.device)
-            return Routing(logits_TN, plain.experts_TK, plain.weights_TK, none, none, gate_weight_ND, margins)
+            return Routing(logits_TN, plain.experts_TK, plain.weights_TK, none, none, margins)
 
         rival_N = most_similar_expert(gate_weight_ND)
         if self.check_pairs:
@@ -159,7 +158,6 @@ class GateProRouter(nn.Module):
             chosen.weights_TK,
             torch.count_nonzero(delta_TN),
             topk_set_changed(chosen.experts_TK, plain_experts_TK).sum(),
-            gate_weight_ND,
             margins,
         )
 

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..cluster import faults
 from ..config import Config, flatten_keys
+from ..moe.comm import local_tensor
 from ..moe.router import is_expert_parallel
 from .parallel import ParallelGroups, single_process_groups
 
@@ -65,8 +66,9 @@ def _barrier(groups: ParallelGroups) -> None:
 
 
 def _global_view(tensor: torch.Tensor, expert: bool, groups: ParallelGroups):
-    """Wrap an expert shard as a DTensor over the (edp, ep) mesh; other tensors stay as they are."""
-    if not expert or groups.ep == 1:
+    """Wrap an expert shard as a DTensor over the (edp, ep) mesh; other tensors stay as they are
+    (under ``parallel.dp_shard`` every parameter already is a DTensor of its global shape)."""
+    if not expert or groups.ep == 1 or groups.dp_shard:
         return tensor
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -383,10 +385,9 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer, groups: Paral
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
-            loaded = state[f"model.{name}"]
-            loaded = loaded.to_local() if hasattr(loaded, "to_local") else loaded
-            if loaded.data_ptr() != tensor.data_ptr():
-                tensor.copy_(loaded)
+            loaded, target = local_tensor(state[f"model.{name}"]), local_tensor(tensor)
+            if loaded.data_ptr() != target.data_ptr():
+                target.copy_(loaded)
     del params
     if weights_only:
         return {"step": 0, "weights_only": True}

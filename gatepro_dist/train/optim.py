@@ -70,14 +70,20 @@ def global_grad_norm(model: nn.Module, groups: ParallelGroups) -> torch.Tensor:
 
     A 0-dim fp64 tensor on the gradients' device, nothing read: ``torch._foreach_norm`` computes
     every parameter's norm in fp64 in one call (no fp64 copy of any gradient), and the expert
-    part is summed over the EP group where the gradients live (NCCL on GPUs).
+    part is summed over the EP group where the gradients live (NCCL on GPUs). Under
+    ``parallel.dp_shard`` every rank holds a disjoint shard of every gradient: the squares of
+    all of them are summed over the world instead.
     """
     dense, expert = [], []
     for p in model.parameters():
         if p.grad is not None:
-            (expert if is_expert_parallel(p) else dense).append(p.grad.detach())
+            (expert if is_expert_parallel(p) else dense).append(comm.local_tensor(p.grad.detach()))
     device = (dense or expert)[0].device if dense or expert else torch.device("cpu")
     dense_sq, expert_sq = _sum_of_squares(dense, device), _sum_of_squares(expert, device)
+    if groups.dp_shard:
+        total_sq = dense_sq + expert_sq
+        comm.all_reduce_sum(total_sq, groups.world_group)
+        return total_sq.sqrt()
     comm.all_reduce_sum(expert_sq, groups.ep_group)
     return (dense_sq + expert_sq).sqrt()
 
@@ -95,7 +101,7 @@ def clip_gradients(model: nn.Module, total_norm: torch.Tensor, max_norm: float) 
     the norm is not finite (that step is skipped anyway)."""
     if max_norm <= 0:
         return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grads = [comm.local_tensor(p.grad) for p in model.parameters() if p.grad is not None]
     if not grads:
         return
     scale = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
@@ -105,6 +111,27 @@ def clip_gradients(model: nn.Module, total_norm: torch.Tensor, max_norm: float) 
         by_dtype.setdefault(g.dtype, []).append(g)
     for dtype, same in by_dtype.items():
         torch._foreach_mul_(same, scale.to(dtype))
+
+
+def gradient_sync(model: nn.Module, groups: ParallelGroups):
+    """What reduces gradients over the ranks: FSDP's reduce-scatters under ``parallel.dp_shard``,
+    else ``OverlappedGradReducer``. Both are armed before each backward and finished after the
+    last."""
+    return FsdpGradSync(model) if groups.dp_shard else OverlappedGradReducer(model, groups)
+
+
+class FsdpGradSync:
+    """FSDP2 reduce-scatters each module's gradients during backward by itself; with
+    ``grad_accum`` > 1 earlier micro-batches only accumulate (``set_requires_gradient_sync``)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def arm(self, last_micro_batch: bool) -> None:
+        self.model.set_requires_gradient_sync(last_micro_batch)
+
+    def finish(self) -> None:
+        pass
 
 
 class OverlappedGradReducer:

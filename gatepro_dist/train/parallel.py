@@ -30,6 +30,7 @@ class ParallelGroups:
     ep_group: object
     edp_group: object
     mesh: object  # a (dp, ep) DeviceMesh for checkpoint resharding, or None for one process
+    dp_shard: bool = False  # parameters sharded with FSDP2 (train/sharding.py) rather than replicated
 
     @property
     def is_main(self) -> bool:
@@ -40,8 +41,9 @@ def single_process_groups() -> ParallelGroups:
     return ParallelGroups(1, 0, 1, 0, 1, 0, None, None, None, None)
 
 
-def build_parallel_groups(ep: int, device_type: str = "cpu") -> ParallelGroups:
-    """Build the (dp, ep) layout on an initialised default process group (collective call)."""
+def build_parallel_groups(ep: int, device_type: str = "cpu", dp_shard: bool = False) -> ParallelGroups:
+    """Build the (dp, ep) layout on an initialised default process group (collective call).
+    ``dp_shard`` records that parameters will be sharded over it (``parallel.dp_shard``)."""
     if not dist.is_initialized():
         if ep != 1:
             raise ValueError(f"parallel.ep={ep} needs {ep} or more processes; launch with torchrun")
@@ -64,6 +66,7 @@ def build_parallel_groups(ep: int, device_type: str = "cpu") -> ParallelGroups:
         ep_group=mesh.get_group("ep") if ep > 1 else None,
         edp_group=mesh.get_group("edp") if dp > 1 else None,
         mesh=mesh,
+        dp_shard=dp_shard,
     )
 
 

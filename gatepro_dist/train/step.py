@@ -26,6 +26,7 @@ from .model import Transformer
 from .numerics import set_numerics
 from .optim import lr_at
 from .parallel import ParallelGroups
+from .sharding import shard_model
 
 
 @dataclass
@@ -247,6 +248,11 @@ def set_up_run(cfg: Config, groups: ParallelGroups, device, data=None) -> RunSet
     data = data if data is not None else load_data(cfg)
     sampler = GlobalBatchSampler(len(data.train), t.global_batch_size, 1, 0, t.seed)
     model = Transformer(cfg, groups.ep_group, groups.edp_group).to(device)
+    if cfg.parallel.dp_shard != groups.dp_shard:
+        raise ValueError(f"parallel.dp_shard={cfg.parallel.dp_shard} but the groups were built with "
+                         f"dp_shard={groups.dp_shard}; pass cfg.parallel.dp_shard to build_parallel_groups")
+    if groups.dp_shard:
+        shard_model(model, cfg, groups)
     return RunSetup(Path(t.run_dir), data, sampler, model, cfg.to_dict(), config_hash(cfg))
 
 

@@ -19,7 +19,7 @@ from .checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, r
                          save_checkpoint)
 from .model import Transformer
 from .numerics import adamw
-from .optim import OverlappedGradReducer, clip_gradients, global_grad_norm, param_groups
+from .optim import clip_gradients, global_grad_norm, gradient_sync, param_groups
 from .parallel import ParallelGroups
 from .step import (StepStats, TrainResult, autocast, begin_step, finish_step, micro_batch_loss, my_part,
                    open_run_outputs, read_step, set_up_run)
@@ -39,7 +39,7 @@ def locate_non_finite(model: Transformer, finite_L: torch.Tensor, groups: Parall
         return {"what": "activation", "layer": layer, "where": f"the output of layer {layer} ({kind})"}
     names = [name for name, p in model.named_parameters()]
     bad_P = torch.stack([
-        (~torch.isfinite(p.grad).all()).to(torch.float64) if p.grad is not None
+        (~torch.isfinite(comm.local_tensor(p.grad)).all()).to(torch.float64) if p.grad is not None
         else torch.zeros((), dtype=torch.float64, device=finite_L.device)
         for p in model.parameters()])
     comm.all_reduce_sum(bad_P, groups.world_group)
@@ -75,7 +75,7 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
     metrics, progress = open_run_outputs(cfg, groups, run_dir, start)
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     losses, val_loss = [], None
-    reducer = OverlappedGradReducer(model, groups)
+    reducer = gradient_sync(model, groups)
 
     def save(step_done: int) -> None:
         save_checkpoint(run_dir, step_done, model, optimizer, groups,
