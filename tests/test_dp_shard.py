@@ -68,10 +68,13 @@ def _gradients_and_bytes(rank: int, world: int, overrides: list[str]) -> dict:
 
 
 def test_dp_shard_layouts_follow_the_replicated_loss_trajectory(tmp_path):
+    """With and without activation checkpointing: a checkpointed block (or MoE FFN) runs again
+    in backward inside FSDP's unit, its all-to-alls and its experts' all-gather included."""
     steps = ["train.steps=5", "train.save_every=1000"]
     reference = run_training(1, tmp_path / "1x1", *steps)
-    for world, ep in [(2, 1), (2, 2), (4, 2)]:
-        losses = run_training(world, tmp_path / f"{world}x{ep}", *steps, f"parallel.ep={ep}", FSDP)
+    for world, ep, checkpointing in [(2, 1, "none"), (2, 2, "moe"), (4, 2, "none"), (4, 2, "block")]:
+        losses = run_training(world, tmp_path / f"{world}x{ep}-{checkpointing}", *steps, f"parallel.ep={ep}", FSDP,
+                              f"train.activation_checkpointing={checkpointing}")
         assert_close_lists(losses, reference)
     assert reference[-1] < reference[0]
 
