@@ -64,7 +64,10 @@ def _gradients_and_bytes(rank: int, world: int, overrides: list[str]) -> dict:
                 total += sum(local_tensor(t).numel() * local_tensor(t).element_size() for t in tensors)
         return total
 
-    return {"grads": grads, "norm": norm, "dense_bytes": held(False), "expert_bytes": held(True)}
+    expert_edp_dims = {p.placements[0].dim for p in model.parameters()
+                       if is_expert_parallel(p) and groups.dp_shard}  # the EDP mesh dimension comes first
+    return {"grads": grads, "norm": norm, "dense_bytes": held(False), "expert_bytes": held(True),
+            "expert_edp_dims": expert_edp_dims}
 
 
 def test_dp_shard_layouts_follow_the_replicated_loss_trajectory(tmp_path):
@@ -79,17 +82,20 @@ def test_dp_shard_layouts_follow_the_replicated_loss_trajectory(tmp_path):
     assert reference[-1] < reference[0]
 
 
-@pytest.mark.parametrize("world,ep", [(2, 2), (4, 2), (4, 1)])
-def test_dp_shard_gradients_equal_the_single_process_gradients(world, ep):
-    """Every parameter's gradient, experts and router rows included, at EDP sizes 1, 2 and 4."""
-    reference = _gradients_and_bytes(0, 1, [])
-    ranks = run_on_ranks(world, _gradients_and_bytes, [f"parallel.ep={ep}", FSDP])
+@pytest.mark.parametrize("world,ep,experts,edp_dim", [(2, 2, 8, 0), (4, 2, 8, 0), (4, 1, 8, 0), (4, 2, 6, 1)])
+def test_dp_shard_gradients_equal_the_single_process_gradients(world, ep, experts, edp_dim):
+    """Every parameter's gradient, experts and router rows included, at EDP sizes 1, 2 and 4. With
+    6 experts at ep=2 each rank's 3 experts do not split over 2 EDP ranks: FSDP shards them on
+    dimension 1 instead (``least_padding_placement``)."""
+    reference = _gradients_and_bytes(0, 1, [f"moe.num_experts={experts}"])
+    ranks = run_on_ranks(world, _gradients_and_bytes, [f"parallel.ep={ep}", FSDP, f"moe.num_experts={experts}"])
     for rank, result in enumerate(ranks):
         assert set(result["grads"]) == set(reference["grads"])
         for name, grad in reference["grads"].items():
             torch.testing.assert_close(result["grads"][name], grad, rtol=1e-5, atol=1e-7,
                                        msg=lambda m: f"rank {rank}, {name}: {m}")
         assert result["norm"] == pytest.approx(reference["norm"], rel=1e-6)
+        assert result["expert_edp_dims"] == {edp_dim}
 
 
 def test_dp_shard_holds_a_quarter_of_the_state_per_rank_at_world_4():
@@ -117,13 +123,15 @@ def test_checkpoints_reshard_between_replicated_and_fsdp_layouts(tmp_path):
     """A chain of resumes through every layout, each one step later than the last, every
     resumed run continuing the uninterrupted run's losses (optimizer state included: a fresh
     AdamW would take another step). Each layout is saved from and resumed into; experts move
-    between EP sizes and between plain tensors and 2-D FSDP shards.
+    between EP sizes, between plain tensors and 2-D FSDP shards, and between FSDP shards cut on
+    different dimensions.
 
     The first link resumes FSDP ep=2 at the same layout, bit for bit. That is where experts kept
     as plain local tensors would go wrong without an error: both EP ranks would save a tensor of
     the same name and shape, DCP would keep one, and after the reload half the ranks would
     compute with the other half's experts."""
-    common = ["train.steps=7", "train.save_every=1"]
+    common = ["train.steps=7", "train.save_every=1", "moe.num_experts=6"]  # 3 experts per rank at ep=2:
+    # FSDP splits them on dimension 1 over 2 EDP ranks, on dimension 0 at ep=1
     chain = ["FSDP ep=2 world 4", "FSDP ep=2 world 4", "FSDP ep=1 world 2", "replicated ep=1 world 1",
              "replicated ep=2 world 2", "FSDP ep=2 world 4"]
     world, overrides = LAYOUTS[chain[0]]

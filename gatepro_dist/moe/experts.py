@@ -98,6 +98,8 @@ class GroupedExperts(nn.Module):
 
     def reset_parameters(self, seed: int) -> None:
         """Per-expert seeded init: expert e gets the same weights whatever the EP layout."""
+        if self.gate_up_proj.is_meta:  # shapes only (gatepro-plan): nothing to draw
+            return
         e, first, d, f = self.num_local_experts, self.first_expert, self.hidden_size, self.ffn_size
         with torch.no_grad():
             self.gate_up_proj.copy_(seeded_rows(e, first, (d, 2 * f), 1 / math.sqrt(d), 2 * seed + 1))

@@ -119,6 +119,8 @@ class GateProRouter(nn.Module):
         rows are 0, so each expert's rival is the lowest other index) and penalises nothing
         (no logit is strictly below its rival's) until the first update separates the rows.
         """
+        if self.weight.is_meta:  # shapes only (gatepro-plan): nothing to draw
+            return
         with torch.no_grad():
             self.weight.copy_(
                 seeded_rows(self.num_local_experts, self.first_expert, (self.hidden_size,), self.init_std, seed)

@@ -147,8 +147,11 @@ class Transformer(nn.Module):
         """Deterministic init that does not depend on the parallel layout.
 
         Replicated parameters come from one generator in a fixed order; experts and router rows
-        from per-expert generators, so expert e is the same tensor at any ep.
+        from per-expert generators, so expert e is the same tensor at any ep. A model on the
+        ``meta`` device (``gatepro-plan``) has shapes and no values: nothing is drawn.
         """
+        if self.embed.weight.is_meta:
+            return
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, p in self.named_parameters():

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import Config
+from ..moe import comm
 from ..moe.layer import MoELayer
 from ..moe.router import is_expert_parallel, mark_expert_parallel
 from .parallel import ParallelGroups
@@ -52,17 +53,36 @@ def shard_model(model: nn.Module, cfg: Config, groups: ParallelGroups) -> nn.Mod
     for block in model.layers:
         if isinstance(block.ffn, MoELayer):
             for part, policy in ((block.ffn.experts, dense_policy), (block.ffn.router, fp32_policy)):
-                fully_shard(part, mesh=edp_mesh, mp_policy=policy)
+                fully_shard(part, mesh=edp_mesh, mp_policy=policy,
+                            shard_placement_fn=least_padding_placement(edp_mesh.size()))
                 part.set_gradient_divide_factor(float(groups.world_size))
                 # Only where a reduce-scatter runs: over one EDP rank FSDP copies the gradient
                 # and divides it itself, and with forced sums it divides a second time (torch 2.13).
                 part.set_force_sum_reduction_for_comms(force_sum and groups.dp > 1)
-        fully_shard(block, mesh=world_mesh, mp_policy=dense_policy)
-    fully_shard(model, mesh=world_mesh, mp_policy=dense_policy)
+        fully_shard(block, mesh=world_mesh, mp_policy=dense_policy,
+                    shard_placement_fn=least_padding_placement(world_mesh.size()))
+    fully_shard(model, mesh=world_mesh, mp_policy=dense_policy,
+                shard_placement_fn=least_padding_placement(world_mesh.size()))
     for name, param in model.named_parameters():  # fully_shard made new Parameter objects
         if name in expert_names:
             mark_expert_parallel(param)
     return model
+
+
+def least_padding_placement(shards: int):
+    """FSDP's ``shard_placement_fn``: split each tensor on the first dimension ``shards`` divides,
+    else on the one that pads least. Dimension 0 alone would leave Mixtral's one expert per EP
+    rank [1, D, 2F] on one EDP rank and a padded copy of it on every other."""
+    from torch.distributed.tensor import Shard
+
+    def placement(param: torch.Tensor):
+        sizes = comm.local_tensor(param).shape
+        if not sizes:
+            return None
+        padding = [-size % shards / size if size else float("inf") for size in sizes]
+        return Shard(min(range(len(sizes)), key=lambda dim: (padding[dim] > 0, padding[dim], dim)))
+
+    return placement
 
 
 def _distribute_expert_parameters(model: nn.Module, ep_mesh) -> None:
