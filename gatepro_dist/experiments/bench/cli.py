@@ -5,6 +5,7 @@
     gatepro-bench comm [...]                          bytes per layer, cost model vs counted (bench/comm.py)
     gatepro-bench extremes [...]                      memory with every token on one expert (bench/extremes.py)
     gatepro-bench checkpointing [...]                 memory and time with activation checkpointing (bench/checkpointing.py)
+    gatepro-bench plan [...]                          gatepro-plan's bytes beside real ranks' (bench/plan.py)
     gatepro-bench gpu [...]                           the GPU acceptance run: bf16 checks, training, timings (bench/gpu.py)
 
 Everything after the subcommand goes to that benchmark's own options (``gatepro-bench layer
@@ -22,6 +23,7 @@ COMMANDS = {
     "comm": "communication per MoE layer: the cost model's bytes beside the counted bytes",
     "extremes": "peak memory of one layer when every token goes to one expert, dropless vs capacity",
     "checkpointing": "a training step's saved activations, peak memory and time: none vs moe vs block",
+    "plan": "gatepro-plan's predicted held and peak bytes beside real gloo ranks', world 2 and 4",
     "gpu": "GPU acceptance: bf16 checks and tests on CUDA, 30 bf16 training steps, layer TFLOP/s vs Megatron",
 }
 

@@ -1,0 +1,115 @@
+"""gatepro-plan's predictions beside what real ranks use: held bytes and the peak of a training step.
+
+    gatepro-bench plan [--config configs/quickstart.yaml] [--steps 3] [overrides ...]
+
+For each layout (world 2 and 4; replicated and ``parallel.dp_shard``), real gloo ranks build the
+model, shard it as the trainer does and take ``--steps`` training steps (forward, cross-entropy,
+backward, gradient reduction, clipping, AdamW) on random tokens. Per rank: the bytes of weights,
+gradients and AdamW state it holds (exact counts), and the resident memory the run added at its
+peak: VmHWM after the steps minus VmRSS before the model was built (interpreter, libraries and
+process groups are not part of a plan), freed heap memory handed back (malloc_trim) before the
+last step, whose own peak is measured as in ``gatepro-bench checkpointing``. Beside each, gatepro-plan's prediction for that rank,
+and the ratio. The largest rank is shown.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ...cluster.spawn import run_on_ranks
+from ...config import load_config
+from ...config_checks import validate
+from .rounds import _status_kib, step_peak_bytes
+
+LAYOUTS = (  # (world, overrides)
+    (2, ["parallel.ep=2"]),
+    (2, ["parallel.ep=2", "parallel.dp_shard=true"]),
+    (4, ["parallel.ep=2"]),
+    (4, ["parallel.ep=2", "parallel.dp_shard=true"]),
+    (4, ["parallel.ep=1", "parallel.dp_shard=true"]),
+)
+MODEL = ["model.d_model=384", "model.n_layers=4", "model.n_heads=6", "model.n_kv_heads=2", "moe.num_experts=16",
+         "moe.expert_ffn_dim=768", "data.seq_len=256", "model.max_seq_len=256", "train.global_batch_size=32"]
+
+
+def _worker(rank: int, world: int, config: str, overrides: list[str], steps: int) -> dict:
+    from ...moe.comm import local_tensor
+    from ...train.model import Transformer
+    from ...train.numerics import adamw
+    from ...train.optim import clip_gradients, global_grad_norm, gradient_sync, param_groups
+    from ...train.parallel import build_parallel_groups
+    from ...train.sharding import shard_model
+
+    cfg = validate(load_config(config, overrides), world)
+    groups = build_parallel_groups(cfg.parallel.ep, "cpu", cfg.parallel.dp_shard)
+    before = _resident_after_trim()
+    model = Transformer(cfg, groups.ep_group, groups.edp_group)
+    if groups.dp_shard:
+        shard_model(model, cfg, groups)
+    optimizer = adamw(param_groups(model, cfg.train.weight_decay), cfg.train, torch.device("cpu"))
+    sync = gradient_sync(model, groups)
+    batch = cfg.train.global_batch_size // world
+    gen = torch.Generator().manual_seed(rank)
+
+    def step():
+        tokens = torch.randint(0, cfg.model.vocab_size, (batch, cfg.data.seq_len + 1), generator=gen)
+        logits, stats = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        sync.arm(last_micro_batch=True)
+        (loss + sum(s.loss for s in stats)).backward()
+        sync.finish()
+        clip_gradients(model, global_grad_norm(model, groups), cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(steps - 1):  # AdamW's state exists after the first
+        step()
+    between_steps = _resident_after_trim() - before
+    peak = between_steps + step_peak_bytes(step, dist.barrier)
+    held = sum(local_tensor(t).numel() * local_tensor(t).element_size()
+               for p in model.parameters() for t in (p, *optimizer.state[p].values()))
+    return {"held": held, "peak": peak}
+
+
+def _resident_after_trim() -> int:
+    dist.barrier()
+    gc.collect()
+    ctypes.CDLL(None).malloc_trim(0)  # freed heap back to the kernel: resident = live
+    return _status_kib("VmRSS") * 1024
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from ...train.plan import peak_bytes, state_bytes
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/quickstart.yaml")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("overrides", nargs="*", help="key=value, after the benchmark's model")
+    args = parser.parse_args(argv)
+    print(f"gatepro-plan vs real gloo ranks (CPU): {args.config} {' '.join(MODEL + args.overrides)}; "
+          f"{args.steps} training steps; the largest rank")
+    print(f"{'world':>5}  {'layout':<24}{'held MiB':>10}{'planned':>10}{'peak MiB':>10}{'planned':>10}{'ratio':>8}")
+    for world, layout in LAYOUTS:
+        overrides = MODEL + args.overrides + layout
+        cfg = validate(load_config(args.config, overrides), world)
+        ranks = run_on_ranks(world, _worker, args.config, overrides, args.steps)
+        # held: weights, their AdamW moments and step counters (gradients are freed after each step)
+        planned_held = [(lambda s: s.params + s.optimizer)(state_bytes(cfg, world, r)) for r in range(world)]
+        planned_peak = [peak_bytes(cfg, world, state_bytes(cfg, world, r), cfg.train.activation_checkpointing)
+                        for r in range(world)]
+        worst = max(range(world), key=lambda r: ranks[r]["peak"])
+        name = f"{'FSDP' if cfg.parallel.dp_shard else 'replicated'} ep={cfg.parallel.ep}"
+        print(f"{world:>5}  {name:<24}{ranks[worst]['held'] / 2**20:>10.1f}{planned_held[worst] / 2**20:>10.1f}"
+              f"{ranks[worst]['peak'] / 2**20:>10.1f}{planned_peak[worst] / 2**20:>10.1f}"
+              f"{planned_peak[worst] / ranks[worst]['peak']:>8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
