@@ -65,8 +65,10 @@ def test_report_pairs_gatepro_with_the_baseline_of_the_same_seed(tmp_path):
         assert sorted({r["gatepro"] for r in csv.DictReader(fh)}) == ["always", "never"]  # no swap run yet
     with open(tmp_path / "out" / "lambda.csv") as fh:
         lam = list(csv.DictReader(fh))
-    assert [float(r["penalty"]) for r in lam] == [1e-4]  # when_init0's GatePro run, seed 0, balance 0.01
-    assert float(lam[0]["gatepro_changed_fraction"]) == pytest.approx(5 / 2048, rel=1e-3)  # 4 digits in the CSV
+    # when_init0's baseline (λ = 0, GatePro off) and GatePro run, seed 0, balance 0.01
+    assert [float(r["penalty"]) for r in lam] == [0.0, 1e-4]
+    assert float(lam[1]["gatepro_changed_fraction"]) == pytest.approx(5 / 2048, rel=1e-3)  # 4 digits in the CSV
+    assert [int(r["layer0"]) for r in lam] == [300, 200]  # the baseline lags 100 steps
     assert (tmp_path / "out" / "zero_token.png").stat().st_size > 1000
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert summary.count("| 0.01 | 3 | +100 (3/3 sooner) |") == 2  # both tables: every seed 100 steps sooner

@@ -69,6 +69,11 @@ def _axis(run: Run, key: str, default=None):
     return run.axes.get(key, default)
 
 
+def _penalty(run: Run) -> float:
+    """The λ a run trained with: 0 when GatePro was off."""
+    return _axis(run, "router.gatepro.penalty", 1e-4) if _axis(run, "router.gatepro.enabled", True) else 0.0
+
+
 def _finished(sweep: Sweep) -> list[tuple[Run, list[dict]]]:
     out = []
     for run in sweep.runs:
@@ -147,16 +152,18 @@ def build(configs: Path, out: Path) -> dict[str, int]:
     _write_csv(out / "paired.csv", paired)
 
     lam = []
+    # λ = 0 is the baseline of the same seed (GatePro off): the reference for the other rows.
     lam_runs = sorted(done["when_lambda"] + [(r, rec) for r, rec in done["when_init0"]
-                                             if _axis(r, "router.gatepro.enabled") and _axis(r, "train.seed") == 0
-                                             and _axis(r, "router.aux_loss_coef") == 0.01],
-                      key=lambda item: _axis(item[0], "router.gatepro.penalty", 1e-4))
+                                             if _axis(r, "train.seed") == 0 and _axis(r, "router.aux_loss_coef") == 0.01],
+                      key=lambda item: _penalty(item[0]))
     for run, records in lam_runs:
-        cfg_penalty = _axis(run, "router.gatepro.penalty", 1e-4)
+        cfg_penalty = _penalty(run)
         experts = _experts(sweeps["when_init0"], run)
         layers = len(records[0].get("moe", []))
         margin_steps = [r for r in records if mean_below_penalty(r) is not None]
+        configured = _axis(run, "router.gatepro.penalty", 1e-4)  # the margin statistic's λ, also when off
         lam.append({"penalty": cfg_penalty, "run": run.name,
+                    "label": f"{cfg_penalty:g}" if cfg_penalty else f"0 (off; margins against {configured:g})",
                     "below_penalty_step1": mean_below_penalty(margin_steps[0]) if margin_steps else None,
                     "below_penalty_step100": next((mean_below_penalty(r) for r in margin_steps if r["step"] == 100), None),
                     "below_penalty_last": mean_below_penalty(margin_steps[-1]) if margin_steps else None,
@@ -193,6 +200,19 @@ def _steps_text(value) -> str:
     return "never" if value is None else str(value)
 
 
+def _layer_keys(row: dict) -> list[str]:
+    return sorted((k for k in row if k.startswith("layer")), key=lambda k: int(k[len("layer"):]))
+
+
+def _layer_range(rows: list[dict]) -> str:
+    keys = _layer_keys(rows[0])
+    return f"{keys[0][len('layer'):]}–{keys[-1][len('layer'):]}" if keys else ""
+
+
+def _layer_steps(row: dict) -> str:
+    return " / ".join(_steps_text(row[k]) for k in _layer_keys(row))
+
+
 def _paired_tables(paired: list[dict], prefix: str, what: str) -> list[str]:
     layers = sorted({k[: -len("_gatepro")] for k in paired[0] if k.startswith(prefix) and k.endswith("_gatepro")},
                     key=lambda k: int(k[len(prefix):]))
@@ -226,21 +246,23 @@ def _markdown(counts: dict[str, int], paired: list[dict], lam: list[dict], swap:
         if paired:
             lines += _paired_tables(paired, prefix, what.format(t=f"{THRESHOLD:.0%}"))
     if lam:
-        lines += ["λ at router init 0 (balance loss 0.01, seed 0):", "",
+        lines += ["λ at router init 0 (balance loss 0.01, seed 0; λ = 0 is GatePro off):", "",
                   "| λ | share of tokens with margin < λ: step 1 / 100 / last | tokens whose set GatePro changed | "
-                  "final val loss |", "|---|---|---|---|"]
+                  f"step from which < {THRESHOLD:.0%} of experts idle, layers {_layer_range(lam)} | final val loss |",
+                  "|---|---|---|---|---|"]
         for row in lam:
-            lines.append(f"| {row['penalty']:g} | {_fmt(row['below_penalty_step1'])} / {_fmt(row['below_penalty_step100'])}"
+            lines.append(f"| {row['label']} | {_fmt(row['below_penalty_step1'])} / {_fmt(row['below_penalty_step100'])}"
                          f" / {_fmt(row['below_penalty_last'])} | {_fmt(row['gatepro_changed_fraction'])} | "
-                         f"{_fmt(row['final_val_loss'])} |")
+                         f"{_layer_steps(row)} | {_fmt(row['final_val_loss'])} |")
         lines.append("")
     if swap:
         lines += ["Hot swap at router init 0 (balance loss 0.01):", "",
-                  "| GatePro | seed | final val loss | training loss, last 10% | zero-token experts per layer, mean |",
-                  "|---|---|---|---|---|"]
+                  "| GatePro | seed | final val loss | training loss, last 10% | zero-token experts per layer, mean | "
+                  f"step from which < {THRESHOLD:.0%} of experts idle, layers {_layer_range(swap)} |",
+                  "|---|---|---|---|---|---|"]
         for row in swap:
             lines.append(f"| {row['gatepro']} | {row['seed']} | {_fmt(row['final_val_loss'])} | "
-                         f"{_fmt(row['loss_last10pct'])} | {_fmt(row['zero_token_mean'])} |")
+                         f"{_fmt(row['loss_last10pct'])} | {_fmt(row['zero_token_mean'])} | {_layer_steps(row)} |")
         lines.append("")
     return "\n".join(lines)
 
