@@ -1,6 +1,6 @@
 """gatepro-plan's predictions beside what real ranks use: held bytes and the peak of a training step.
 
-    gatepro-bench plan [--config configs/quickstart.yaml] [--steps 3] [overrides ...]
+    gatepro-bench plan [--config configs/quickstart.yaml] [--steps 2] [--world 2] [overrides ...]
 
 For each layout (world 2 and 4; replicated and ``parallel.dp_shard``), real gloo ranks build the
 model, shard it as the trainer does and take ``--steps`` training steps (forward, cross-entropy,
@@ -14,8 +14,6 @@ and the ratio. The largest rank is shown.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import sys
 
 import torch
@@ -23,9 +21,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ...cluster.spawn import run_on_ranks
-from ...config import load_config
+from ...config import ConfigError, load_config
 from ...config_checks import validate
-from .rounds import _status_kib, step_peak_bytes
+from .rounds import resident_bytes_after_trim, step_peak_bytes
 
 LAYOUTS = (  # (world, overrides)
     (2, ["parallel.ep=2"]),
@@ -48,7 +46,7 @@ def _worker(rank: int, world: int, config: str, overrides: list[str], steps: int
 
     cfg = validate(load_config(config, overrides), world)
     groups = build_parallel_groups(cfg.parallel.ep, "cpu", cfg.parallel.dp_shard)
-    before = _resident_after_trim()
+    before = resident_bytes_after_trim(dist.barrier)
     model = Transformer(cfg, groups.ep_group, groups.edp_group)
     if groups.dp_shard:
         shard_model(model, cfg, groups)
@@ -70,18 +68,11 @@ def _worker(rank: int, world: int, config: str, overrides: list[str], steps: int
 
     for _ in range(steps - 1):  # AdamW's state exists after the first
         step()
-    between_steps = _resident_after_trim() - before
+    between_steps = resident_bytes_after_trim(dist.barrier) - before
     peak = between_steps + step_peak_bytes(step, dist.barrier)
     held = sum(local_tensor(t).numel() * local_tensor(t).element_size()
                for p in model.parameters() for t in (p, *optimizer.state[p].values()))
     return {"held": held, "peak": peak}
-
-
-def _resident_after_trim() -> int:
-    dist.barrier()
-    gc.collect()
-    ctypes.CDLL(None).malloc_trim(0)  # freed heap back to the kernel: resident = live
-    return _status_kib("VmRSS") * 1024
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -89,15 +80,21 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/quickstart.yaml")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--world", type=int, action="append", choices=(2, 4), help="only these world sizes (repeatable)")
     parser.add_argument("overrides", nargs="*", help="key=value, after the benchmark's model")
     args = parser.parse_args(argv)
+    layouts = [(world, MODEL + args.overrides + layout) for world, layout in LAYOUTS
+               if not args.world or world in args.world]
+    try:  # every layout's config, before any process starts
+        configs = [validate(load_config(args.config, overrides), world) for world, overrides in layouts]
+    except ConfigError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
     print(f"gatepro-plan vs real gloo ranks (CPU): {args.config} {' '.join(MODEL + args.overrides)}; "
           f"{args.steps} training steps; the largest rank")
     print(f"{'world':>5}  {'layout':<24}{'held MiB':>10}{'planned':>10}{'peak MiB':>10}{'planned':>10}{'ratio':>8}")
-    for world, layout in LAYOUTS:
-        overrides = MODEL + args.overrides + layout
-        cfg = validate(load_config(args.config, overrides), world)
+    for (world, overrides), cfg in zip(layouts, configs):
         ranks = run_on_ranks(world, _worker, args.config, overrides, args.steps)
         # held: weights, their AdamW moments and step counters (gradients are freed after each step)
         planned_held = [(lambda s: s.params + s.optimizer)(state_bytes(cfg, world, r)) for r in range(world)]

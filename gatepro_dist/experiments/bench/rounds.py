@@ -235,20 +235,27 @@ def _status_kib(field: str) -> int:
     raise OSError(f"/proc/self/status has no {field}")
 
 
-def step_peak_bytes(step, barrier) -> int | None:
-    """Resident memory ``step()`` adds at its peak; None where /proc or glibc cannot tell."""
+def resident_bytes_after_trim(barrier) -> int:
+    """This process's resident memory once freed heap memory went back to the kernel (glibc's
+    malloc_trim), so that it counts live memory only. Raises OSError/AttributeError where /proc
+    or glibc cannot tell."""
     barrier()
     gc.collect()
+    ctypes.CDLL(None).malloc_trim(0)
+    return _status_kib("VmRSS") * 1024
+
+
+def step_peak_bytes(step, barrier) -> int | None:
+    """Resident memory ``step()`` adds at its peak; None where /proc or glibc cannot tell."""
     try:
-        ctypes.CDLL(None).malloc_trim(0)  # freed heap memory back to the kernel: RSS = live memory
+        before = resident_bytes_after_trim(barrier)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS
-        before = _status_kib("VmRSS")
     except (OSError, AttributeError):
         step()  # the other ranks run it too: keep the collectives matched
         return None
     step()
-    return (_status_kib("VmHWM") - before) * 1024
+    return _status_kib("VmHWM") * 1024 - before
 
 
 def peak_memory_in_rounds(steps: dict, rounds: int, barrier) -> dict[str, int | None]:
