@@ -156,3 +156,48 @@ def test_checkpoints_reshard_between_every_pair_of_replicated_and_fsdp_layouts(t
             if source == target:
                 assert losses == uninterrupted[target], f"{source} -> {target} must continue bit for bit"
             assert_close_lists(losses, reference[3:])
+
+
+def _bf16_gathers(rank: int, world: int, run_dir: str) -> dict:
+    """Train two bf16 steps under dp_shard, recording every FSDP all-gather's dtype and size."""
+    import torch.distributed as dist
+
+    from gatepro_dist.train.engine import train
+    from gatepro_dist.train.parallel import build_parallel_groups
+
+    gathers, real_all_gather = [], dist.all_gather_single
+
+    def recording_all_gather(output, input, *args, **kwargs):  # notes, then runs the real collective
+        gathers.append((input.dtype, input.numel()))
+        return real_all_gather(output, input, *args, **kwargs)
+
+    dist.all_gather_single = recording_all_gather
+    cfg = tiny_config(run_dir, "train.steps=2", "train.save_every=1000", "train.dtype=bf16", "parallel.ep=2",
+                      FSDP, world_size=world)
+    losses = train(cfg, build_parallel_groups(2, "cpu", True), log=lambda *_: None).losses
+    return {"losses": losses, "gathers": gathers}
+
+
+def test_dp_shard_bf16_gathers_bf16_weights_and_keeps_fp32_master_weights(tmp_path):
+    """train.dtype=bf16 under dp_shard: FSDP gathers dense and expert weights in bf16 (half the
+    bytes), the router's rows in fp32 (GatePro's 1e-4 must survive), keeps fp32 weights and AdamW
+    state (as the checkpoint shows), and the loss moves from fp32 by bf16 rounding, not more."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    fp32 = run_training(1, tmp_path / "fp32", "train.steps=2", "train.save_every=1000")
+    result = run_on_ranks(4, _bf16_gathers, str(tmp_path / "bf16"))[0]
+    cfg = tiny_config(tmp_path / "x")
+    router_rows_per_rank = cfg.moe.num_experts // 4 * cfg.model.d_model  # ep=2, then 2 EDP ranks
+    fp32_gathers = [n for dtype, n in result["gathers"] if dtype == torch.float32]
+    bf16_gathers = [n for dtype, n in result["gathers"] if dtype == torch.bfloat16]
+    assert len(fp32_gathers) + len(bf16_gathers) == len(result["gathers"])
+    assert fp32_gathers and set(fp32_gathers) == {router_rows_per_rank}, result["gathers"]
+    assert len(bf16_gathers) > len(fp32_gathers)
+
+    metadata = FileSystemReader(str(latest_checkpoint(tmp_path / "bf16"))).read_metadata()
+    saved = {key: meta.properties.dtype for key, meta in metadata.state_dict_metadata.items()
+             if key.startswith(("model.", "optim.")) and not key.endswith(".step")}
+    assert saved and set(saved.values()) == {torch.float32}
+
+    relative = [abs(a - b) / b for a, b in zip(result["losses"], fp32)]
+    assert max(relative) < 2.0 ** -9, relative
