@@ -86,5 +86,5 @@ def test_plan_benchmark_holds_what_gatepro_plan_predicts():
     rows = [line.split() for line in done.stdout.splitlines() if line.lstrip().startswith("2 ")]
     assert [row[1] for row in rows] == ["replicated", "FSDP"]
     for row in rows:
-        held, planned_held, peak = float(row[3]), float(row[4]), float(row[5])
+        held, planned_held, peak = float(row[3]), float(row[4]), float(row[6])
         assert held == planned_held and peak > 0

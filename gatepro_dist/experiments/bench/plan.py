@@ -8,7 +8,9 @@ backward, gradient reduction, clipping, AdamW) on random tokens. Per rank: the b
 gradients and AdamW state it holds (exact counts), and the resident memory the run added at its
 peak: VmHWM after the steps minus VmRSS before the model was built (interpreter, libraries and
 process groups are not part of a plan), freed heap memory handed back (malloc_trim) before the
-last step, whose own peak is measured as in ``gatepro-bench checkpointing``. Beside each, gatepro-plan's prediction for that rank,
+last step, whose own peak is measured as in ``gatepro-bench checkpointing``. "resident" is what
+the run held between steps (weights, AdamW state, and whatever else stayed allocated: the plan
+counts tensors, not a communication library's buffers). Beside each, gatepro-plan's prediction for that rank,
 and the ratio. The largest rank is shown.
 """
 from __future__ import annotations
@@ -72,7 +74,7 @@ def _worker(rank: int, world: int, config: str, overrides: list[str], steps: int
     peak = between_steps + step_peak_bytes(step, dist.barrier)
     held = sum(local_tensor(t).numel() * local_tensor(t).element_size()
                for p in model.parameters() for t in (p, *optimizer.state[p].values()))
-    return {"held": held, "peak": peak}
+    return {"held": held, "between": between_steps, "peak": peak}
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -93,7 +95,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 2
     print(f"gatepro-plan vs real gloo ranks (CPU): {args.config} {' '.join(MODEL + args.overrides)}; "
           f"{args.steps} training steps; the largest rank")
-    print(f"{'world':>5}  {'layout':<24}{'held MiB':>10}{'planned':>10}{'peak MiB':>10}{'planned':>10}{'ratio':>8}")
+    print(f"{'world':>5}  {'layout':<24}{'held MiB':>10}{'planned':>10}{'resident':>10}{'peak MiB':>10}{'planned':>10}"
+          f"{'ratio':>8}")
     for (world, overrides), cfg in zip(layouts, configs):
         ranks = run_on_ranks(world, _worker, args.config, overrides, args.steps)
         # held: weights, their AdamW moments and step counters (gradients are freed after each step)
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         worst = max(range(world), key=lambda r: ranks[r]["peak"])
         name = f"{'FSDP' if cfg.parallel.dp_shard else 'replicated'} ep={cfg.parallel.ep}"
         print(f"{world:>5}  {name:<24}{ranks[worst]['held'] / 2**20:>10.1f}{planned_held[worst] / 2**20:>10.1f}"
-              f"{ranks[worst]['peak'] / 2**20:>10.1f}{planned_peak[worst] / 2**20:>10.1f}"
+              f"{ranks[worst]['between'] / 2**20:>10.1f}{ranks[worst]['peak'] / 2**20:>10.1f}{planned_peak[worst] / 2**20:>10.1f}"
               f"{planned_peak[worst] / ranks[worst]['peak']:>8.2f}")
     return 0
 
