@@ -66,14 +66,14 @@ def test_layer_forward_reads_the_host_once_and_backward_never(world, ep):
             assert (forward, backward) == (1, 0), f"rank {rank} {name}: {forward} forward, {backward} backward reads"
 
 
-def _syncs_of_training(tmp_path, layers: int, steps: int, ep: int = 1, world: int = 1) -> int:
+def _syncs_of_training(tmp_path, layers: int, steps: int, ep: int = 1, world: int = 1, dp_shard: bool = False) -> int:
     from test_trainer import tiny_config
     from gatepro_dist.train.parallel import build_parallel_groups
     from gatepro_dist.train.trainer import train
 
     cfg = tiny_config(f"{tmp_path}/L{layers}-s{steps}", f"model.n_layers={layers}", f"train.steps={steps}",
                       f"parallel.ep={ep}", "train.save_every=1000", "train.stats_every=1000", "train.grad_accum=2",
-                      world_size=world)
+                      f"parallel.dp_shard={dp_shard}", world_size=world)
     step = torch.optim.AdamW.step
 
     def step_not_counted(self, *args, **kwargs):  # see host_syncs.not_counted
@@ -83,7 +83,7 @@ def _syncs_of_training(tmp_path, layers: int, steps: int, ep: int = 1, world: in
     torch.optim.AdamW.step = step_not_counted
     try:
         with count_host_syncs() as counts:
-            train(cfg, build_parallel_groups(ep), log=lambda *_: None)
+            train(cfg, build_parallel_groups(ep, "cpu", dp_shard), log=lambda *_: None)
     finally:
         torch.optim.AdamW.step = step
     return sum(counts.values())
@@ -98,8 +98,8 @@ def test_a_training_step_reads_the_host_a_constant_number_of_times(tmp_path):
     assert per_step[2] == per_step[4] == 1, per_step  # read_step's one batched copy
 
 
-def _training_worker(rank: int, world: int, tmp_path: str, layers: int, steps: int) -> int:
-    return _syncs_of_training(tmp_path, layers, steps, ep=world, world=world)
+def _training_worker(rank: int, world: int, tmp_path: str, layers: int, steps: int, dp_shard: bool = False) -> int:
+    return _syncs_of_training(tmp_path, layers, steps, ep=world, world=world, dp_shard=dp_shard)
 
 
 @pytest.mark.slow
@@ -110,3 +110,11 @@ def test_at_ep2_a_step_adds_only_each_layer_forwards_split_sizes(tmp_path):
                 for steps in (2, 3)}
         per_step = [a - b for a, b in zip(runs[3], runs[2])]
         assert per_step == [1 + layers * 2] * 2, (layers, per_step)
+
+
+@pytest.mark.slow
+def test_under_dp_shard_a_step_reads_the_host_as_often_as_replicated(tmp_path):
+    """FSDP2's gathers and reduce-scatters add no host read: at ep=2 a step still reads once plus
+    once per MoE layer forward (2 micro-batches)."""
+    runs = {steps: run_on_ranks(2, _training_worker, str(tmp_path / f"{steps}"), 2, steps, True) for steps in (2, 3)}
+    assert [a - b for a, b in zip(runs[3], runs[2])] == [1 + 2 * 2] * 2
