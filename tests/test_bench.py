@@ -78,7 +78,7 @@ def test_gatepro_bench_names_its_subcommands_and_refuses_an_unknown_one():
 
 def test_plan_benchmark_holds_what_gatepro_plan_predicts():
     """Real ranks (world 2, replicated and FSDP, a tiny model): the held column equals the plan's;
-    the peak columns are measured and printed, never asserted."""
+    the peaks are measured and printed, their values never asserted."""
     config = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
     done = gatepro_bench("plan", "--config", config, "--world", "2", "--steps", "2", "model.d_model=32", "model.n_heads=2",
                          "moe.expert_ffn_dim=32", "data.seq_len=32", "model.max_seq_len=32")
@@ -86,5 +86,5 @@ def test_plan_benchmark_holds_what_gatepro_plan_predicts():
     rows = [line.split() for line in done.stdout.splitlines() if line.lstrip().startswith("2 ")]
     assert [row[1] for row in rows] == ["replicated", "FSDP"]
     for row in rows:
-        held, planned_held, peak = float(row[3]), float(row[4]), float(row[6])
-        assert held == planned_held and peak > 0
+        held, planned_held, rss_peak, tensor_peak = float(row[3]), float(row[4]), float(row[6]), float(row[7])
+        assert held == planned_held and rss_peak > 0 and tensor_peak > held

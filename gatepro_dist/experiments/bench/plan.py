@@ -8,15 +8,19 @@ backward, gradient reduction, clipping, AdamW) on random tokens. Per rank: the b
 gradients and AdamW state it holds (exact counts), and the resident memory the run added at its
 peak: VmHWM after the steps minus VmRSS before the model was built (interpreter, libraries and
 process groups are not part of a plan), freed heap memory handed back (malloc_trim) before the
-last step, whose own peak is measured as in ``gatepro-bench checkpointing``. "resident" is what
-the run held between steps (weights, AdamW state, and whatever else stayed allocated: the plan
-counts tensors, not a communication library's buffers). Beside each, gatepro-plan's prediction for that rank,
+last step, whose own peak is measured as in ``gatepro-bench checkpointing``; and the most bytes of
+tensors alive at once (``_peak_tensor_bytes_allocated``). "resident" is what the run held between
+steps (weights, AdamW state, and whatever else stayed allocated: the plan counts tensors, not a
+communication library's buffers). Beside each, gatepro-plan's prediction for that rank,
 and the ratio. The largest rank is shown.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -74,7 +78,25 @@ def _worker(rank: int, world: int, config: str, overrides: list[str], steps: int
     peak = between_steps + step_peak_bytes(step, dist.barrier)
     held = sum(local_tensor(t).numel() * local_tensor(t).element_size()
                for p in model.parameters() for t in (p, *optimizer.state[p].values()))
-    return {"held": held, "between": between_steps, "peak": peak}
+    return {"held": held, "between": between_steps, "peak": peak,
+            "tensor_peak": held + _peak_tensor_bytes_allocated(step)}
+
+
+def _peak_tensor_bytes_allocated(step) -> int:
+    """The most bytes of tensors ``step()`` had allocated at once beyond those alive before it:
+    the CPU allocator's running total as the profiler reports it (the CPU analogue of
+    ``torch.cuda.max_memory_allocated``; allocator and communication buffers are not tensors)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dist.barrier()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(trace)
+        with open(trace) as fh:
+            events = json.load(fh)["traceEvents"]
+    return max((e["args"].get("Total Allocated", 0) for e in events if e.get("name") == "[memory]"), default=0)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -95,19 +117,21 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 2
     print(f"gatepro-plan vs real gloo ranks (CPU): {args.config} {' '.join(MODEL + args.overrides)}; "
           f"{args.steps} training steps; the largest rank")
-    print(f"{'world':>5}  {'layout':<24}{'held MiB':>10}{'planned':>10}{'resident':>10}{'peak MiB':>10}{'planned':>10}"
-          f"{'ratio':>8}")
+    print(f"{'world':>5}  {'layout':<24}{'held MiB':>10}{'planned':>10}{'resident':>10}{'RSS peak':>10}"
+          f"{'tensors':>10}{'planned':>10}{'vs RSS':>8}{'vs tensors':>11}")
     for (world, overrides), cfg in zip(layouts, configs):
         ranks = run_on_ranks(world, _worker, args.config, overrides, args.steps)
         # held: weights, their AdamW moments and step counters (gradients are freed after each step)
         planned_held = [(lambda s: s.params + s.optimizer)(state_bytes(cfg, world, r)) for r in range(world)]
         planned_peak = [peak_bytes(cfg, world, state_bytes(cfg, world, r), cfg.train.activation_checkpointing)
                         for r in range(world)]
-        worst = max(range(world), key=lambda r: ranks[r]["peak"])
+        worst = max(range(world), key=lambda r: ranks[r]["tensor_peak"])
         name = f"{'FSDP' if cfg.parallel.dp_shard else 'replicated'} ep={cfg.parallel.ep}"
-        print(f"{world:>5}  {name:<24}{ranks[worst]['held'] / 2**20:>10.1f}{planned_held[worst] / 2**20:>10.1f}"
-              f"{ranks[worst]['between'] / 2**20:>10.1f}{ranks[worst]['peak'] / 2**20:>10.1f}{planned_peak[worst] / 2**20:>10.1f}"
-              f"{planned_peak[worst] / ranks[worst]['peak']:>8.2f}")
+        r = ranks[worst]
+        print(f"{world:>5}  {name:<24}{r['held'] / 2**20:>10.1f}{planned_held[worst] / 2**20:>10.1f}"
+              f"{r['between'] / 2**20:>10.1f}{r['peak'] / 2**20:>10.1f}{r['tensor_peak'] / 2**20:>10.1f}"
+              f"{planned_peak[worst] / 2**20:>10.1f}{planned_peak[worst] / r['peak']:>8.2f}"
+              f"{planned_peak[worst] / r['tensor_peak']:>11.2f}")
     return 0
 
 
