@@ -161,3 +161,23 @@ def test_archive_keeps_everything_but_the_per_expert_counts():
                                  "routing_margin": {"tokens": 14, "tied": 0.0, "below_penalty": 0.5, "p10": 0.0,
                                                     "p50": 1e-4, "p90": 0.3}}
     assert record["moe"][0]["tokens_per_expert"] == [0, 5, 9]  # the input is not changed
+
+
+def test_a_list_valued_axis_is_summarised_over_seeds(tmp_path):
+    """The hot-swap grid (a GatePro schedule per run) with seeds: one group per schedule."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(f"name: swap\nout_dir: {tmp_path / 'out'}\nworld: 1\noverrides: [{', '.join(TINY)}, train.steps=4]\n"
+                    "grid:\n  router.gatepro.schedule: [[[0, true], [2, false]], [[0, true], [3, false]]]\n"
+                    "  train.seed: [0, 1]\n")
+    sweep = load_sweep(path)
+    for run in sweep.runs:
+        seed = run.axes["train.seed"]
+        records = fake_records(4, [seed, 0, 0, seed], 2.0 + seed, 0.1 * seed, changed=1)
+        run.run_dir(sweep.out_dir).mkdir(parents=True)
+        (run.run_dir(sweep.out_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    aggregate(sweep)
+    with open(sweep.out_dir / "summary_over_seeds.csv") as f:
+        groups = list(csv.DictReader(f))
+    assert [g["router.gatepro.schedule"] for g in groups] == ["[[0, true], [2, false]]", "[[0, true], [3, false]]"]
+    assert [g["seeds"] for g in groups] == ["2", "2"]
+    assert [float(g["final_val_loss_mean"]) for g in groups] == [pytest.approx(2.5)] * 2

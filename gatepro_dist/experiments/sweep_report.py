@@ -36,6 +36,7 @@ validation loss against router.gatepro.penalty, mean ± std over seeds) appear w
 from __future__ import annotations
 
 import csv
+import json
 import math
 import statistics
 from pathlib import Path
@@ -114,7 +115,9 @@ def summarize_run(records: list[dict]) -> dict:
 
 
 def _group_key(row: dict, axis_keys: list[str]) -> tuple:
-    return tuple((k, row[k]) for k in axis_keys if k != SEED_AXIS)
+    # A list-valued axis (e.g. router.gatepro.schedule) is keyed by its JSON text.
+    return tuple((k, json.dumps(row[k]) if isinstance(row[k], (list, dict)) else row[k])
+                 for k in axis_keys if k != SEED_AXIS)
 
 
 def _group_label(key: tuple) -> str:
