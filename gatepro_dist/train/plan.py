@@ -20,6 +20,9 @@ from ..config import Config
 from ..moe import comm
 from ..moe.comm_model import ACTIVATION_BYTES, LayerComm
 from ..moe.router import is_expert_parallel
+from .model import Transformer
+from .parallel import ParallelGroups, build_parallel_groups, single_process_groups
+from .sharding import shard_model
 
 FP32, INT64 = 4, 8
 GiB = 2**30
@@ -66,20 +69,15 @@ def fake_world(world: int, rank: int):
 def state_bytes(cfg: Config, world: int, rank: int = 0) -> StateBytes:
     """Rank ``rank``'s parameters, gradients and AdamW state at ``world`` ranks. Rank 0 is the
     largest: FSDP gives it the first (never smaller) chunk of every tensor."""
-    from .model import Transformer
-    from .parallel import build_parallel_groups, single_process_groups
-    from .sharding import shard_model
-
     if world == 1:
-        return _count(cfg, single_process_groups(), Transformer, shard_model)
+        return _count(cfg, single_process_groups())
     with fake_world(world, rank):
-        groups = build_parallel_groups(cfg.parallel.ep, "cpu", cfg.parallel.dp_shard)
-        return _count(cfg, groups, Transformer, shard_model)
+        return _count(cfg, build_parallel_groups(cfg.parallel.ep, "cpu", cfg.parallel.dp_shard))
 
 
-def _count(cfg, groups, transformer, shard_model) -> StateBytes:
+def _count(cfg: Config, groups: ParallelGroups) -> StateBytes:
     with torch.device("meta"):
-        model = transformer(cfg, groups.ep_group, groups.edp_group)
+        model = Transformer(cfg, groups.ep_group, groups.edp_group)
     expert_total = sum(p.numel() * groups.ep for p in model.parameters() if is_expert_parallel(p))
     dense_total = sum(p.numel() for p in model.parameters() if not is_expert_parallel(p))
     gathered_block = 0

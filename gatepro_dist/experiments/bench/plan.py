@@ -122,9 +122,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     for (world, overrides), cfg in zip(layouts, configs):
         ranks = run_on_ranks(world, _worker, args.config, overrides, args.steps)
         # held: weights, their AdamW moments and step counters (gradients are freed after each step)
-        planned_held = [(lambda s: s.params + s.optimizer)(state_bytes(cfg, world, r)) for r in range(world)]
-        planned_peak = [peak_bytes(cfg, world, state_bytes(cfg, world, r), cfg.train.activation_checkpointing)
-                        for r in range(world)]
+        states = [state_bytes(cfg, world, r) for r in range(world)]
+        planned_held = [s.params + s.optimizer for s in states]
+        planned_peak = [peak_bytes(cfg, world, s, cfg.train.activation_checkpointing) for s in states]
         worst = max(range(world), key=lambda r: ranks[r]["tensor_peak"])
         name = f"{'FSDP' if cfg.parallel.dp_shard else 'replicated'} ep={cfg.parallel.ep}"
         r = ranks[worst]
