@@ -300,7 +300,9 @@ def _plots(out: Path, curves: dict[str, list[list[dict]]], lam_runs: list[tuple[
         fig = Figure(figsize=(6, 4), layout="constrained")
         ax = fig.subplots()
         for i, (run, records) in enumerate(lam_runs):
-            _band(ax, [records], mean_below_penalty, f"λ={_axis(run, 'router.gatepro.penalty', 1e-4):g}", f"C{i}")
+            label = (f"λ={_penalty(run):g}" if _penalty(run)
+                     else f"GatePro off (margin < {_axis(run, 'router.gatepro.penalty', 1e-4):g})")
+            _band(ax, [records], mean_below_penalty, label, f"C{i}")
         ax.set(xlabel="step", ylabel="share of tokens with margin < λ", yscale="log",
                title="Decisions GatePro can change (mean over layers)")
         ax.legend(fontsize=6)
