@@ -140,7 +140,7 @@ def _block_bytes(cfg: Config, tokens: int, index: int, checkpointing: str) -> in
         attention += 2 * (heads + kv_heads) * head_dim * FP32 + (heads + kv_heads) * FP32
     per_token = attention + norm
     if not m.is_moe_layer(index):
-        per_token += inputs_of(2) + 3 * m.dense_ffn_dim * a  # SwiGLU: gate and up's input, gate, up, product
+        per_token += inputs_of(2) + 4 * m.dense_ffn_dim * a  # SwiGLU: input; gate, silu(gate), up, product
         return tokens * per_token
     if checkpointing == "moe":
         return tokens * (per_token + d * FP32)
