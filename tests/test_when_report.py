@@ -53,8 +53,15 @@ def test_report_pairs_gatepro_with_the_baseline_of_the_same_seed(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         with gzip.open(path, "wt") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in records)
+    for run in load_sweep(configs / "when_default_init.yaml").runs:  # GatePro at 150, the baseline at 250; 7 idle at the end
+        gatepro = run.axes["router.gatepro.enabled"]
+        records = _records([lambda s, d=150 if gatepro else 250: 128 if s < d else 7] * 4, changed=3 if gatepro else 0)
+        path = tmp_path / "archive" / "when_default_init" / f"{run.name}.jsonl.gz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(path, "wt") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in records)
     counts = build(configs, tmp_path / "out")
-    assert counts == {"when_init0": 12, "when_default_init": 0, "when_lambda": 0, "when_hotswap": 0}
+    assert counts == {"when_init0": 12, "when_default_init": 4, "when_lambda": 0, "when_hotswap": 0}
     with open(tmp_path / "out" / "paired.csv") as fh:
         paired = list(csv.DictReader(fh))
     assert len(paired) == 6  # 2 balance-loss settings x 3 seeds
@@ -72,3 +79,7 @@ def test_report_pairs_gatepro_with_the_baseline_of_the_same_seed(tmp_path):
     assert (tmp_path / "out" / "zero_token.png").stat().st_size > 1000
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert summary.count("| 0.01 | 3 | +100 (3/3 sooner) |") == 2  # both tables: every seed 100 steps sooner
+    default = summary[summary.index("The default router init"):].splitlines()[4:8]  # on/off at balance 0.01, then at 0
+    assert [row.split(" | ")[:2] for row in default] == [["| on", "0.01"], ["| off", "0.01"], ["| on", "0.0"], ["| off", "0.0"]]
+    assert [row.split(" | ")[3:6] for row in default[:2]] == [["0.001465", "150 / 150 / 150 / 150", "7"],
+                                                                ["0", "250 / 250 / 250 / 250", "7"]]

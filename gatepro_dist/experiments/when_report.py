@@ -17,7 +17,8 @@ and writes, under ``--out``:
 - ``hotswap.csv``: GatePro never / first 25% / first 50% / always, per seed.
 - ``val_loss.png``: validation loss of the init-0 groups.
 - ``summary.md``: the paired comparison (per layer: steps to the threshold with GatePro and
-  without, the difference, how many seeds agree), the λ table and the hot-swap table, in Markdown.
+  without, the difference, how many seeds agree), the default-init table, the λ table and the
+  hot-swap table, in Markdown.
 
 Missing runs are left out (a sweep still running shows what has finished); every table says how
 many runs it holds.
@@ -133,6 +134,7 @@ def build(configs: Path, out: Path) -> dict[str, int]:
                          **{f"layer{i}": steps_to_threshold(records, i, experts, for_good=True) for i in range(layers)},
                          **{f"first_layer{i}": steps_to_threshold(records, i, experts) for i in range(layers)},
                          "final_val_loss": final_val_loss(records),
+                         "idle_at_end": statistics.fmean(m["zero_token_experts"] for m in records[-1]["moe"]),
                          "first_below_penalty": mean_below_penalty(next(r for r in records if r.get("moe"))),
                          "gatepro_changed_fraction": gatepro_changed_fraction(records)})
     _write_csv(out / "steps_to_threshold.csv", rows)
@@ -192,7 +194,7 @@ def build(configs: Path, out: Path) -> dict[str, int]:
 
     _plots(out, curves, lam_runs)
     counts = {name: len(runs) for name, runs in done.items()}
-    (out / "summary.md").write_text(_markdown(counts, paired, lam, swap))
+    (out / "summary.md").write_text(_markdown(counts, paired, [r for r in rows if r["init"] == "default"], lam, swap))
     return counts
 
 
@@ -237,7 +239,7 @@ def _paired_tables(paired: list[dict], prefix: str, what: str) -> list[str]:
     return lines + [""]
 
 
-def _markdown(counts: dict[str, int], paired: list[dict], lam: list[dict], swap: list[dict]) -> str:
+def _markdown(counts: dict[str, int], paired: list[dict], default: list[dict], lam: list[dict], swap: list[dict]) -> str:
     """The RESULTS tables. A layer that never reached the threshold counts as the run's last
     step + 1 in a difference, and the cell says so ("never")."""
     lines = ["Finished runs: " + ", ".join(f"{name} {n}" for name, n in counts.items()) + ".", ""]
@@ -245,6 +247,17 @@ def _markdown(counts: dict[str, int], paired: list[dict], lam: list[dict], swap:
                          ("first_layer", "at which fewer than {t} of a layer's experts first received no token")):
         if paired:
             lines += _paired_tables(paired, prefix, what.format(t=f"{THRESHOLD:.0%}"))
+    if default:
+        lines += ["The default router init (rows ~ N(0, 1/d)), one seed:", "",
+                  "| GatePro | balance loss | share of tokens with margin < λ at step 1 | tokens whose set GatePro changed | "
+                  f"step from which < {THRESHOLD:.0%} of experts idle, layers {_layer_range(default)} | "
+                  "idle experts per layer at the end, mean | final val loss |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in sorted(default, key=lambda r: (-r["aux_loss_coef"], not r["gatepro"])):
+            lines.append(f"| {'on' if row['gatepro'] else 'off'} | {row['aux_loss_coef']} | {_fmt(row['first_below_penalty'])} | "
+                         f"{_fmt(row['gatepro_changed_fraction'])} | {_layer_steps(row)} | {_fmt(row['idle_at_end'])} | "
+                         f"{_fmt(row['final_val_loss'])} |")
+        lines.append("")
     if lam:
         lines += ["λ at router init 0 (balance loss 0.01, seed 0; λ = 0 is GatePro off):", "",
                   "| λ | share of tokens with margin < λ: step 1 / 100 / last | tokens whose set GatePro changed | "
