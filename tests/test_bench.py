@@ -1,6 +1,7 @@
 """The benchmarks run end to end (tiny sizes, ep=1 and a real 2-process gloo group); timings are never asserted."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -88,3 +89,17 @@ def test_plan_benchmark_holds_what_gatepro_plan_predicts():
     for row in rows:
         held, planned_held, rss_peak, tensor_peak = float(row[3]), float(row[4]), float(row[6]), float(row[7])
         assert held == planned_held and rss_peak > 0 and tensor_peak > held
+
+
+def test_plan_benchmark_sets_glibcs_heap_mode_for_its_ranks_only(monkeypatch):
+    """--heap return: the spawned ranks inherit a 128 KiB mmap threshold (freed blocks go back to
+    the kernel); --heap keep: glibc's default. The caller's environment is restored either way."""
+    from gatepro_dist.experiments.bench.plan import MMAP_THRESHOLD, _heap
+
+    monkeypatch.setenv(MMAP_THRESHOLD, "999")
+    with _heap("return"):
+        assert os.environ[MMAP_THRESHOLD] == str(128 * 1024)
+    assert os.environ[MMAP_THRESHOLD] == "999"
+    with _heap("keep"):
+        assert MMAP_THRESHOLD not in os.environ
+    assert os.environ[MMAP_THRESHOLD] == "999"

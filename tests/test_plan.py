@@ -16,7 +16,8 @@ from gatepro_dist.config import load_config
 from gatepro_dist.config_checks import validate
 from gatepro_dist.experiments.bench.checkpointing import saved_activation_bytes
 from gatepro_dist.train.model import Transformer
-from gatepro_dist.train.plan import activation_bytes, cast_weight_bytes, state_bytes
+from gatepro_dist.train.plan import (activation_bytes, backward_working_bytes, cast_weight_bytes, peak_bytes, state_bytes,
+                                    tokens_per_micro_batch)
 from gatepro_dist.train.step import autocast
 from test_dp_shard import FSDP, _gradients_and_bytes
 from test_trainer import tiny_config
@@ -67,6 +68,20 @@ def test_planned_activations_are_within_5_percent_of_what_autograd_keeps(shape, 
     measured, _ = saved_activation_bytes(model, loss)
     planned = activation_bytes(cfg, 4 * 32, mode) + cast_weight_bytes(cfg, mode)
     assert abs(planned - measured) <= 0.05 * measured, (planned, measured)
+
+
+@pytest.mark.parametrize("batch,crowded", [(256, "start of backward"), (1, "end of backward")])
+def test_the_planned_peak_is_the_larger_crowded_moment_of_a_step(batch, crowded):
+    """Many tokens: every activation is alive as backward starts, before any weight gradient;
+    one sequence: the gradients and their buckets outweigh the activations. The peak is the
+    larger moment, not the sum of both."""
+    cfg = validate(load_config(str(ROOT / "configs/quickstart.yaml"), ["parallel.ep=1", f"train.global_batch_size={batch}"]), 1)
+    state, tokens = state_bytes(cfg, 1), tokens_per_micro_batch(cfg, 1)
+    start = (activation_bytes(cfg, tokens, "none") + backward_working_bytes(cfg, tokens, "none")
+             + tokens * cfg.model.vocab_size * 8)
+    end = 2 * state.grads
+    assert (start > end) == (crowded == "start of backward")
+    assert peak_bytes(cfg, 1, state, "none") == state.params + state.optimizer + max(start, end)
 
 
 def test_gatepro_plan_says_what_fits(capsys):

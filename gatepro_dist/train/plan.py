@@ -181,26 +181,27 @@ def cast_weight_bytes(cfg: Config, checkpointing: str) -> int:
 
 
 def peak_bytes(cfg: Config, world: int, state: StateBytes, checkpointing: str) -> int:
-    """An upper estimate of a step's tensor memory: the largest terms added as if they were alive
-    together (in a real step gradients grow while activations are freed; measured, this is
-    1.3-1.5x the tensors alive at once, and within 15% of the resident peak of the CPU processes
-    in 4 of 5 layouts: docs/scaling.md). Weights, gradients, AdamW state, the saved activations,
-    and what a step holds briefly:
-    one block's backward (``backward_working_bytes``), the logits and their gradient, FSDP's gathered weights and unsharded
-    gradients of a block and the next one's prefetched weights, or the replicated
-    engine's flattened gradient buckets (as large as the gradients)."""
+    """The most tensor bytes a step holds at once: weights and AdamW state, plus the larger of a
+    step's two crowded moments (an upper estimate of each; docs/scaling.md compares it with
+    real ranks).
+
+    - The start of backward: every saved activation, the logits and their gradient, one block's
+      backward (``backward_working_bytes``) and, replicated bf16, autocast's weight copies; with
+      FSDP also the block's gathered weights, the next block's prefetched ones and the block's
+      unsharded gradients in fp32 (the reduce-scatter's input). Weight gradients are few yet.
+    - The end of backward: every weight gradient, the activations freed, and as much again: the
+      replicated engine's flattened gradient buckets, or AdamW's foreach temporaries. Between
+      the two, a block's activations are freed as its gradients appear; with both spread evenly
+      over the blocks, no moment holds more than the larger of the two.
+    """
     tokens = tokens_per_micro_batch(cfg, world)
     a = ACTIVATION_BYTES[cfg.train.dtype]
     logits = tokens * cfg.model.vocab_size * (a + FP32)
-    if cfg.parallel.dp_shard:
-        # A block's weights gathered (the flat all-gather buffer and the weights copied out of
-        # it, while the next block's are prefetched in backward), its unsharded gradients and the
-        # reduce-scatter's flat fp32 copy of them.
-        transient = 3 * state.gathered_block + 2 * state.gathered_block // a * FP32
-    else:
-        transient = state.grads if world > 1 else 0
-    return (state.params + state.grads + state.optimizer + activation_bytes(cfg, tokens, checkpointing)
-            + backward_working_bytes(cfg, tokens, checkpointing) + cast_weight_bytes(cfg, checkpointing) + logits + transient)
+    gathered = 2 * state.gathered_block + state.gathered_block // a * FP32 if cfg.parallel.dp_shard else 0
+    start_of_backward = (activation_bytes(cfg, tokens, checkpointing) + backward_working_bytes(cfg, tokens, checkpointing)
+                         + cast_weight_bytes(cfg, checkpointing) + logits + gathered)
+    end_of_backward = 2 * state.grads
+    return state.params + state.optimizer + max(start_of_backward, end_of_backward)
 
 
 def comm_bytes_per_step(cfg: Config, world: int, state: StateBytes) -> dict[str, int]:

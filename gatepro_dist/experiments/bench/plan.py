@@ -1,6 +1,6 @@
 """gatepro-plan's predictions beside what real ranks use: held bytes and the peak of a training step.
 
-    gatepro-bench plan [--config configs/quickstart.yaml] [--steps 2] [--world 2] [overrides ...]
+    gatepro-bench plan [--config configs/quickstart.yaml] [--steps 2] [--world 2] [--heap keep] [overrides ...]
 
 For each layout (world 2 and 4; replicated and ``parallel.dp_shard``), real gloo ranks build the
 model, shard it as the trainer does and take ``--steps`` training steps (forward, cross-entropy,
@@ -9,10 +9,17 @@ gradients and AdamW state it holds (exact counts), and the resident memory the r
 peak: VmHWM after the steps minus VmRSS before the model was built (interpreter, libraries and
 process groups are not part of a plan), freed heap memory handed back (malloc_trim) before the
 last step, whose own peak is measured as in ``gatepro-bench checkpointing``; and the most bytes of
-tensors alive at once (``_peak_tensor_bytes_allocated``). "resident" is what the run held between
-steps (weights, AdamW state, and whatever else stayed allocated: the plan counts tensors, not a
-communication library's buffers). Beside each, gatepro-plan's prediction for that rank,
-and the ratio. The largest rank is shown.
+tensors the main thread had alive at once (``_peak_tensor_bytes_allocated``). "resident" is what
+the run held between steps (weights, AdamW state, and whatever else stayed allocated: the plan
+counts tensors, not a communication library's buffers). Beside each, gatepro-plan's prediction
+for that rank, and the ratio. The largest rank is shown.
+
+A plan predicts live memory. By default glibc serves blocks of up to 32 MiB from heaps that keep
+freed memory resident, so a step's VmHWM counts memory freed earlier in the step (the CPU
+analogue of the CUDA caching allocator's reserved bytes). The ranks therefore run with
+``MALLOC_MMAP_THRESHOLD_`` at 128 KiB (``--heap return``, the default): every block larger than
+that is handed back to the kernel when freed, and VmHWM follows live memory. ``--heap keep``
+measures glibc's default behaviour.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import json
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -38,6 +46,7 @@ LAYOUTS = (  # (world, overrides)
     (4, ["parallel.ep=2", "parallel.dp_shard=true"]),
     (4, ["parallel.ep=1", "parallel.dp_shard=true"]),
 )
+MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
 MODEL = ["model.d_model=384", "model.n_layers=4", "model.n_heads=6", "model.n_kv_heads=2", "moe.num_experts=16",
          "moe.expert_ffn_dim=768", "data.seq_len=256", "model.max_seq_len=256", "train.global_batch_size=32"]
 
@@ -49,6 +58,7 @@ def _worker(rank: int, world: int, config: str, overrides: list[str], steps: int
     from ...train.optim import clip_gradients, global_grad_norm, gradient_sync, param_groups
     from ...train.parallel import build_parallel_groups
     from ...train.sharding import shard_model
+    from ...train.step import autocast
 
     cfg = validate(load_config(config, overrides), world)
     groups = build_parallel_groups(cfg.parallel.ep, "cpu", cfg.parallel.dp_shard)
@@ -63,7 +73,8 @@ def _worker(rank: int, world: int, config: str, overrides: list[str], steps: int
 
     def step():
         tokens = torch.randint(0, cfg.model.vocab_size, (batch, cfg.data.seq_len + 1), generator=gen)
-        logits, stats = model(tokens[:, :-1])
+        with autocast(cfg, torch.device("cpu")):  # as the trainer: bf16 compute under train.dtype=bf16
+            logits, stats = model(tokens[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
         sync.arm(last_micro_batch=True)
         (loss + sum(s.loss for s in stats)).backward()
@@ -99,6 +110,22 @@ def _peak_tensor_bytes_allocated(step) -> int:
     return max((e["args"].get("Total Allocated", 0) for e in events if e.get("name") == "[memory]"), default=0)
 
 
+@contextmanager
+def _heap(mode: str):
+    """Spawned ranks inherit the environment: set glibc's mmap threshold for them (see above)."""
+    saved = os.environ.get(MMAP_THRESHOLD)
+    if mode == "return":
+        os.environ[MMAP_THRESHOLD] = str(128 * 1024)
+    else:
+        os.environ.pop(MMAP_THRESHOLD, None)
+    try:
+        yield
+    finally:
+        os.environ.pop(MMAP_THRESHOLD, None)
+        if saved is not None:
+            os.environ[MMAP_THRESHOLD] = saved
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from ...train.plan import peak_bytes, state_bytes
 
@@ -106,6 +133,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--config", default="configs/quickstart.yaml")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--world", type=int, action="append", choices=(2, 4), help="only these world sizes (repeatable)")
+    parser.add_argument("--heap", choices=("return", "keep"), default="return",
+                        help="return: freed blocks over 128 KiB go back to the kernel (RSS follows live memory); keep: glibc's default")
     parser.add_argument("overrides", nargs="*", help="key=value, after the benchmark's model")
     args = parser.parse_args(argv)
     layouts = [(world, MODEL + args.overrides + layout) for world, layout in LAYOUTS
@@ -116,11 +145,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     print(f"gatepro-plan vs real gloo ranks (CPU): {args.config} {' '.join(MODEL + args.overrides)}; "
-          f"{args.steps} training steps; the largest rank")
+          f"{args.steps} training steps; the largest rank; freed heap: {args.heap}")
     print(f"{'world':>5}  {'layout':<24}{'held MiB':>10}{'planned':>10}{'resident':>10}{'RSS peak':>10}"
           f"{'tensors':>10}{'planned':>10}{'vs RSS':>8}{'vs tensors':>11}")
     for (world, overrides), cfg in zip(layouts, configs):
-        ranks = run_on_ranks(world, _worker, args.config, overrides, args.steps)
+        with _heap(args.heap):
+            ranks = run_on_ranks(world, _worker, args.config, overrides, args.steps)
         # held: weights, their AdamW moments and step counters (gradients are freed after each step)
         states = [state_bytes(cfg, world, r) for r in range(world)]
         planned_held = [s.params + s.optimizer for s in states]
