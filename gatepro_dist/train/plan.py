@@ -115,9 +115,11 @@ def activation_bytes(cfg: Config, tokens: int, checkpointing: str) -> int:
 
 def backward_working_bytes(cfg: Config, tokens: int, checkpointing: str) -> int:
     """What a block's backward holds besides the saved activations: the gradients of its
-    activations (about their size), and, when it was checkpointed, the activations rebuilt for it."""
-    largest = max(_block_bytes(cfg, tokens, index, "none") for index in range(cfg.model.n_layers))
-    return largest * (1 if checkpointing == "none" else 2)
+    activations (about their size), and, when it was checkpointed, the activations recomputation
+    rebuilds for it (the whole block under ``block``, the MoE FFN's internals under ``moe``)."""
+    full = [_block_bytes(cfg, tokens, index, "none") for index in range(cfg.model.n_layers)]
+    rebuilt = [f - _block_bytes(cfg, tokens, index, checkpointing) for index, f in enumerate(full)]
+    return max(full) + max(rebuilt)
 
 
 def _block_bytes(cfg: Config, tokens: int, index: int, checkpointing: str) -> int:
