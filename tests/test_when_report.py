@@ -53,18 +53,22 @@ def test_report_pairs_gatepro_with_the_baseline_of_the_same_seed(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         with gzip.open(path, "wt") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in records)
-    for run in load_sweep(configs / "when_default_init.yaml").runs:  # GatePro at 150, the baseline at 250; 7 idle at the end
-        gatepro = run.axes["router.gatepro.enabled"]
-        records = _records([lambda s, d=150 if gatepro else 250: 128 if s < d else 7] * 4, changed=3 if gatepro else 0)
-        path = tmp_path / "archive" / "when_default_init" / f"{run.name}.jsonl.gz"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with gzip.open(path, "wt") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in records)
+    for name in ("when_default_init", "when_default_init_seeds"):  # GatePro at 150, the baseline at 250; 7 idle at the end
+        for run in load_sweep(configs / f"{name}.yaml").runs:
+            gatepro = run.axes["router.gatepro.enabled"]
+            records = _records([lambda s, d=150 if gatepro else 250: 128 if s < d else 7] * 4, changed=3 if gatepro else 0)
+            path = tmp_path / "archive" / name / f"{run.name}.jsonl.gz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with gzip.open(path, "wt") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in records)
     counts = build(configs, tmp_path / "out")
-    assert counts == {"when_init0": 12, "when_default_init": 4, "when_lambda": 0, "when_hotswap": 0}
+    assert counts == {"when_init0": 12, "when_default_init": 4, "when_default_init_seeds": 4, "when_lambda": 0,
+                      "when_hotswap": 0}
     with open(tmp_path / "out" / "paired.csv") as fh:
         paired = list(csv.DictReader(fh))
-    assert len(paired) == 6  # 2 balance-loss settings x 3 seeds
+    assert [row["init"] for row in paired] == ["0"] * 6 + ["default"] * 4  # init 0: 2 balance losses x 3 seeds
+    assert [int(row["layer0_baseline"]) - int(row["layer0_gatepro"]) for row in paired[6:]] == [100] * 4
+    paired = paired[:6]
     for row in paired:
         assert int(row["layer0_baseline"]) - int(row["layer0_gatepro"]) == 100
         assert int(row["layer0_gatepro"]) == 200 + 10 * int(row["seed"])
@@ -78,8 +82,12 @@ def test_report_pairs_gatepro_with_the_baseline_of_the_same_seed(tmp_path):
     assert [int(r["layer0"]) for r in lam] == [300, 200]  # the baseline lags 100 steps
     assert (tmp_path / "out" / "zero_token.png").stat().st_size > 1000
     summary = (tmp_path / "out" / "summary.md").read_text()
-    assert summary.count("| 0.01 | 3 | +100 (3/3 sooner) |") == 2  # both tables: every seed 100 steps sooner
-    default = summary[summary.index("The default router init"):].splitlines()[4:8]  # on/off at balance 0.01, then at 0
-    assert [row.split(" | ")[:2] for row in default] == [["| on", "0.01"], ["| off", "0.01"], ["| on", "0.0"], ["| off", "0.0"]]
-    assert [row.split(" | ")[3:6] for row in default[:2]] == [["0.001465", "150 / 150 / 150 / 150", "7"],
+    # both tables of both inits: every seed 100 steps sooner (the default init: seeds 0, 1, 2 at balance 0.01)
+    assert summary.count("| 0.01 | 3 | +100 (3/3 sooner) |") == 4
+    assert summary.count("(router init default), GatePro / baseline") == 2
+    default = summary[summary.index("The default router init"):].splitlines()[4:12]  # balance 0.01: seeds 0, 1, 2; then 0
+    assert [row.split(" | ")[:3] for row in default] == [
+        ["| on", "0.01", "0"], ["| off", "0.01", "0"], ["| on", "0.01", "1"], ["| off", "0.01", "1"],
+        ["| on", "0.01", "2"], ["| off", "0.01", "2"], ["| on", "0.0", "0"], ["| off", "0.0", "0"]]
+    assert [row.split(" | ")[4:7] for row in default[:2]] == [["0.001465", "150 / 150 / 150 / 150", "7"],
                                                                 ["0", "250 / 250 / 250 / 250", "7"]]

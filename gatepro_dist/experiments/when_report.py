@@ -3,21 +3,21 @@
     python -m gatepro_dist.experiments.when_report [--out docs/results/when]
 
 Reads every finished run of ``configs/sweeps/when_init0.yaml``, ``when_default_init.yaml``,
-``when_lambda.yaml`` and ``when_hotswap.yaml`` (from the run directories or the sweeps' archive)
-and writes, under ``--out``:
+``when_default_init_seeds.yaml``, ``when_lambda.yaml`` and ``when_hotswap.yaml`` (from the run
+directories or the sweeps' archive) and writes, under ``--out``:
 
 - ``zero_token.png``: the paper's Figure 4 in miniature, zero-token experts per layer against step;
   one line per (init, router, balance loss), mean over seeds with a min-to-max band.
 - ``steps_to_threshold.csv``: per run and layer, the step from which fewer than ``THRESHOLD``
   (20%) of the layer's experts received no token until the end (``layer<i>``), and the step at
   which that first happened (``first_layer<i>``); empty if it never did.
-- ``paired.csv``: the same, GatePro against the baseline with the same seed and balance loss.
+- ``paired.csv``: the same, GatePro against the baseline with the same init, seed and balance loss.
 - ``margin.png`` and ``lambda.csv``: the share of tokens whose k-th and (k+1)-th logits are closer
   than λ (the decisions GatePro can change) against step, and the λ sweep's summary.
 - ``hotswap.csv``: GatePro never / first 25% / first 50% / always, per seed.
 - ``val_loss.png``: validation loss of the init-0 groups.
-- ``summary.md``: the paired comparison (per layer: steps to the threshold with GatePro and
-  without, the difference, how many seeds agree), the default-init table, the λ table and the
+- ``summary.md``: the paired comparison per init (per layer: steps to the threshold with GatePro
+  and without, the difference, how many seeds agree), every default-init run, the λ table and the
   hot-swap table, in Markdown.
 
 Missing runs are left out (a sweep still running shows what has finished); every table says how
@@ -36,7 +36,8 @@ from ..train.report import gatepro_changed_fraction, mean_below_penalty
 from .sweep_report import plot_band
 
 THRESHOLD = 0.2  # "experts in use": fewer than 20% of a layer's experts received no token
-SWEEPS = ("when_init0", "when_default_init", "when_lambda", "when_hotswap")
+SWEEPS = ("when_init0", "when_default_init", "when_default_init_seeds", "when_lambda", "when_hotswap")
+INITS = (("when_init0", "0"), ("when_default_init", "default"), ("when_default_init_seeds", "default"))
 
 
 def steps_to_threshold(records: list[dict], layer: int, num_experts: int, threshold: float = THRESHOLD,
@@ -108,10 +109,8 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows({k: _fmt(v) for k, v in row.items()} for row in rows)
 
 
-def _label(init: str, run: Run) -> str:
-    gatepro = "GatePro" if _axis(run, "router.gatepro.enabled", True) else "baseline"
-    aux = _axis(run, "router.aux_loss_coef")
-    return f"init {init}, {gatepro}" + ("" if aux is None else f", balance {aux}")
+def _label(init: str, gatepro: bool, aux: float) -> str:
+    return f"init {init}, {'GatePro' if gatepro else 'baseline'}, balance {aux}"
 
 
 def build(configs: Path, out: Path) -> dict[str, int]:
@@ -120,16 +119,17 @@ def build(configs: Path, out: Path) -> dict[str, int]:
     done = {name: _finished(sweep) for name, sweep in sweeps.items()}
     out.mkdir(parents=True, exist_ok=True)
 
-    # Steps to threshold, per run and layer, for the two init sweeps.
+    # Steps to threshold, per run and layer, for the init sweeps.
     rows, curves = [], {}
-    for name, init in (("when_init0", "0"), ("when_default_init", "default")):
+    for name, init in INITS:
         for run, records in done[name]:
             layers = len(records[0].get("moe", []))
-            experts = _experts(sweeps[name], run)
-            curves.setdefault(_label(init, run), []).append(records)
-            rows.append({"sweep": name, "run": run.name, "init": init,
-                         "gatepro": _axis(run, "router.gatepro.enabled", True),
-                         "aux_loss_coef": _axis(run, "router.aux_loss_coef"), "seed": _axis(run, "train.seed", 0),
+            cfg = run_config(sweeps[name], run)  # a setting may be an axis or a fixed override
+            gatepro, aux = cfg.router.gatepro.enabled, cfg.router.aux_loss_coef
+            experts = cfg.moe.num_experts
+            curves.setdefault(_label(init, gatepro, aux), []).append(records)
+            rows.append({"sweep": name, "run": run.name, "init": init, "gatepro": gatepro,
+                         "aux_loss_coef": aux, "seed": cfg.train.seed,
                          "steps": records[-1]["step"],
                          **{f"layer{i}": steps_to_threshold(records, i, experts, for_good=True) for i in range(layers)},
                          **{f"first_layer{i}": steps_to_threshold(records, i, experts) for i in range(layers)},
@@ -141,14 +141,14 @@ def build(configs: Path, out: Path) -> dict[str, int]:
 
     paired = []
     for row in rows:
-        if row["init"] != "0" or not row["gatepro"]:
+        if not row["gatepro"]:
             continue
-        base = next((b for b in rows if b["init"] == "0" and not b["gatepro"] and b["seed"] == row["seed"]
+        base = next((b for b in rows if b["init"] == row["init"] and not b["gatepro"] and b["seed"] == row["seed"]
                      and b["aux_loss_coef"] == row["aux_loss_coef"]), None)
         if base is None:
             continue
         layer_keys = [k for k in row if k.startswith(("layer", "first_layer"))]
-        paired.append({"aux_loss_coef": row["aux_loss_coef"], "seed": row["seed"], "steps": row["steps"],
+        paired.append({"init": row["init"], "aux_loss_coef": row["aux_loss_coef"], "seed": row["seed"], "steps": row["steps"],
                        **{f"{k}_gatepro": row[k] for k in layer_keys}, **{f"{k}_baseline": base[k] for k in layer_keys},
                        "val_loss_gatepro": row["final_val_loss"], "val_loss_baseline": base["final_val_loss"]})
     _write_csv(out / "paired.csv", paired)
@@ -219,7 +219,7 @@ def _paired_tables(paired: list[dict], prefix: str, what: str) -> list[str]:
     layers = sorted({k[: -len("_gatepro")] for k in paired[0] if k.startswith(prefix) and k.endswith("_gatepro")},
                     key=lambda k: int(k[len(prefix):]))
     names = [f"layer {k[len(prefix):]}" for k in layers]
-    lines = [f"The step {what} (router init 0), GatePro / baseline, paired by seed:", "",
+    lines = [f"The step {what} (router init {paired[0]['init']}), GatePro / baseline, paired by seed:", "",
              "| balance loss | seed | " + " | ".join(names) + " | final val loss, GatePro / baseline |",
              "|---|---|" + "---|" * len(layers) + "---|"]
     for row in paired:
@@ -243,18 +243,21 @@ def _markdown(counts: dict[str, int], paired: list[dict], default: list[dict], l
     """The RESULTS tables. A layer that never reached the threshold counts as the run's last
     step + 1 in a difference, and the cell says so ("never")."""
     lines = ["Finished runs: " + ", ".join(f"{name} {n}" for name, n in counts.items()) + ".", ""]
-    for prefix, what in (("layer", "from which fewer than {t} of a layer's experts received no token until the end"),
-                         ("first_layer", "at which fewer than {t} of a layer's experts first received no token")):
-        if paired:
-            lines += _paired_tables(paired, prefix, what.format(t=f"{THRESHOLD:.0%}"))
+    for init in ("0", "default"):
+        for prefix, what in (("layer", "from which fewer than {t} of a layer's experts received no token until the end"),
+                             ("first_layer", "at which fewer than {t} of a layer's experts first received no token")):
+            if any(row["init"] == init for row in paired):
+                lines += _paired_tables([row for row in paired if row["init"] == init], prefix,
+                                        what.format(t=f"{THRESHOLD:.0%}"))
     if default:
-        lines += ["The default router init (rows ~ N(0, 1/d)), one seed:", "",
-                  "| GatePro | balance loss | share of tokens with margin < λ at step 1 | tokens whose set GatePro changed | "
+        lines += ["The default router init (rows ~ N(0, 1/d)), every run:", "",
+                  "| GatePro | balance loss | seed | share of tokens with margin < λ at step 1 | tokens whose set GatePro changed | "
                   f"step from which < {THRESHOLD:.0%} of experts idle, layers {_layer_range(default)} | "
                   "idle experts per layer at the end, mean | final val loss |",
-                  "|---|---|---|---|---|---|---|"]
-        for row in sorted(default, key=lambda r: (-r["aux_loss_coef"], not r["gatepro"])):
-            lines.append(f"| {'on' if row['gatepro'] else 'off'} | {row['aux_loss_coef']} | {_fmt(row['first_below_penalty'])} | "
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in sorted(default, key=lambda r: (-r["aux_loss_coef"], r["seed"], not r["gatepro"])):
+            lines.append(f"| {'on' if row['gatepro'] else 'off'} | {row['aux_loss_coef']} | {row['seed']} | "
+                         f"{_fmt(row['first_below_penalty'])} | "
                          f"{_fmt(row['gatepro_changed_fraction'])} | {_layer_steps(row)} | {_fmt(row['idle_at_end'])} | "
                          f"{_fmt(row['final_val_loss'])} |")
         lines.append("")
