@@ -243,12 +243,12 @@ def _markdown(counts: dict[str, int], paired: list[dict], default: list[dict], l
     """The RESULTS tables. A layer that never reached the threshold counts as the run's last
     step + 1 in a difference, and the cell says so ("never")."""
     lines = ["Finished runs: " + ", ".join(f"{name} {n}" for name, n in counts.items()) + ".", ""]
-    for init in ("0", "default"):
+    for init in dict.fromkeys(init for _, init in INITS):
+        of_init = [row for row in paired if row["init"] == init]
         for prefix, what in (("layer", "from which fewer than {t} of a layer's experts received no token until the end"),
                              ("first_layer", "at which fewer than {t} of a layer's experts first received no token")):
-            if any(row["init"] == init for row in paired):
-                lines += _paired_tables([row for row in paired if row["init"] == init], prefix,
-                                        what.format(t=f"{THRESHOLD:.0%}"))
+            if of_init:
+                lines += _paired_tables(of_init, prefix, what.format(t=f"{THRESHOLD:.0%}"))
     if default:
         lines += ["The default router init (rows ~ N(0, 1/d)), every run:", "",
                   "| GatePro | balance loss | seed | share of tokens with margin < λ at step 1 | tokens whose set GatePro changed | "
