@@ -83,13 +83,14 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer, groups: ParallelG
     for name, tensor in model.state_dict().items():
         expert = name in params and is_expert_parallel(params[name])
         state[f"model.{name}"] = _global_view(tensor, expert, groups)
+    group_of = {id(q): group for group in optimizer.param_groups for q in group["params"]} if optimizer else {}
     for name, p in params.items():
         if optimizer is None:  # model tensors only (a weights-only checkpoint)
             break
         slot = optimizer.state.get(p)
         if not slot and materialize:  # a fresh optimizer: allocate what DCP will fill in
             slot = optimizer.state[p] = {
-                "step": torch.zeros((), dtype=torch.float32),
+                "step": fresh_step_counter(p, group_of[id(p)]),
                 **{m: torch.zeros_like(p, memory_format=torch.preserve_format) for m in MOMENTS},
             }
         if not slot:
@@ -98,6 +99,15 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer, groups: ParallelG
         for moment in MOMENTS:
             state[f"optim.{name}.{moment}"] = _global_view(slot[moment], is_expert_parallel(p), groups)
     return state
+
+
+def fresh_step_counter(param: torch.Tensor, group: dict) -> torch.Tensor:
+    """AdamW's ``step`` where torch itself would create it: on the parameter's device for the fused
+    and capturable kernels (CUDA's fused AdamW reads it there without checking; a CPU counter is
+    an illegal host-pointer read), in host memory otherwise (so its ``item()`` is no device sync).
+    DCP loads into this tensor in place, so a resumed run keeps the placement."""
+    on_device = group.get("fused") or group.get("capturable")
+    return torch.zeros((), dtype=torch.float32, device=param.device if on_device else "cpu")
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer, groups: ParallelGroups,
