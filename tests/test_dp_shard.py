@@ -26,6 +26,7 @@ def _gradients_and_bytes(rank: int, world: int, overrides: list[str]) -> dict:
     from gatepro_dist.train.optim import global_grad_norm, gradient_sync, param_groups
     from gatepro_dist.train.parallel import build_parallel_groups, single_process_groups
     from gatepro_dist.train.sharding import shard_model
+    from gatepro_dist.train.step import router_similarity
 
     cfg = tiny_config("/tmp/unused", *overrides, world_size=world)
     groups = (build_parallel_groups(cfg.parallel.ep, "cpu", cfg.parallel.dp_shard) if world > 1
@@ -42,6 +43,7 @@ def _gradients_and_bytes(rank: int, world: int, overrides: list[str]) -> dict:
     (loss + sum(s.loss for s in stats)).backward()
     sync.finish()
     norm = float(global_grad_norm(model, groups))
+    similarity = router_similarity(model)  # after forward: FSDP has resharded the router rows
 
     def full(t):
         return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -66,7 +68,7 @@ def _gradients_and_bytes(rank: int, world: int, overrides: list[str]) -> dict:
 
     expert_edp_dims = {p.placements[0].dim for p in model.parameters()
                        if is_expert_parallel(p) and groups.dp_shard}  # the EDP mesh dimension comes first
-    return {"grads": grads, "norm": norm, "dense_bytes": held(False), "expert_bytes": held(True),
+    return {"grads": grads, "norm": norm, "similarity": similarity, "dense_bytes": held(False), "expert_bytes": held(True),
             "expert_edp_dims": expert_edp_dims}
 
 
@@ -84,7 +86,8 @@ def test_dp_shard_layouts_follow_the_replicated_loss_trajectory(tmp_path):
 
 @pytest.mark.parametrize("world,ep,experts,edp_dim", [(2, 2, 8, 0), (4, 2, 8, 0), (4, 1, 8, 0), (4, 2, 6, 1)])
 def test_dp_shard_gradients_equal_the_single_process_gradients(world, ep, experts, edp_dim):
-    """Every parameter's gradient, experts and router rows included, at EDP sizes 1, 2 and 4. With
+    """Every parameter's gradient, experts and router rows included, at EDP sizes 1, 2 and 4, and
+    the router-similarity statistics, which need every router row on every rank. With
     6 experts at ep=2 each rank's 3 experts do not split over 2 EDP ranks: FSDP shards them on
     dimension 1 instead (``least_padding_placement``)."""
     reference = _gradients_and_bytes(0, 1, [f"moe.num_experts={experts}"])
@@ -96,6 +99,11 @@ def test_dp_shard_gradients_equal_the_single_process_gradients(world, ep, expert
                                        msg=lambda m: f"rank {rank}, {name}: {m}")
         assert result["norm"] == pytest.approx(reference["norm"], rel=1e-6)
         assert result["expert_edp_dims"] == {edp_dim}
+        # The statistics see every router row, not this rank's FSDP shard (a shard has other
+        # cosines, or fewer rows than the similarity matrix needs).
+        assert len(result["similarity"]) == len(reference["similarity"]) == 2
+        for ours, single in zip(result["similarity"], reference["similarity"]):
+            assert ours == pytest.approx(single, rel=1e-5)
 
 
 LAYOUTS = {  # name: (world size, overrides)

@@ -127,7 +127,23 @@ class GateProRouter(nn.Module):
             )
 
     def gathered_weight(self) -> torch.Tensor:
+        """The [N, D] weight for this forward: the EP group's rows, all-gathered (differentiable).
+
+        Inside forward only: under ``parallel.dp_shard`` FSDP unshards the weight for forward and
+        reshards it after, when ``local_tensor`` is this rank's FSDP shard. Use ``full_weight``
+        elsewhere."""
         return comm.all_gather_rows(comm.local_tensor(self.weight), self.ep_group)
+
+    def full_weight(self) -> torch.Tensor:
+        """The whole [N, D] router weight, identical on every rank, at any time (statistics, checks).
+
+        A collective: every rank of the world calls it. Under ``parallel.dp_shard`` the weight is a
+        DTensor over the (edp, ep) mesh, sharded or not depending on where FSDP is in its step:
+        ``full_tensor`` gathers whatever placement it has. Otherwise the EP rows are all-gathered.
+        """
+        if hasattr(self.weight, "full_tensor"):
+            return self.weight.full_tensor()
+        return self.gathered_weight()
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         if x_TD.shape[-1] != self.hidden_size:

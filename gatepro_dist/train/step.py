@@ -179,13 +179,8 @@ def finish_step(record: dict, cfg: Config, groups: ParallelGroups, device, model
     (default ``model``) is what evaluation calls, e.g. the module a DeepSpeed engine wraps."""
     t, done = cfg.train, record["step"]
     if done % t.stats_every == 0 or done == t.steps:
-        with torch.no_grad():  # every layer's statistics, then one host read for all of them
-            per_layer = [gate_similarity_stats(layer.router.gathered_weight()) for layer in model.moe_layers]
-            if per_layer:
-                keys = list(per_layer[0])
-                values = torch.stack([torch.stack([s[k] for k in keys]) for s in per_layer]).tolist()
-                for entry, row in zip(record["moe"], values):
-                    entry["similarity"] = dict(zip(keys, row))
+        for entry, similarity in zip(record["moe"], router_similarity(model)):
+            entry["similarity"] = similarity
     if done % t.eval_every == 0 or done == t.steps:
         evaluated = model if eval_model is None else eval_model
         val_loss = record["val_loss"] = evaluate(evaluated, data.val, cfg, groups, device)
@@ -201,6 +196,20 @@ def finish_step(record: dict, cfg: Config, groups: ParallelGroups, device, model
         metrics.close()
         raise Preempted(done, stop, latest_checkpoint(run_dir))
     return val_loss
+
+
+def router_similarity(model: Transformer) -> list[dict[str, float]]:
+    """Each MoE layer's gate-similarity statistics on its whole router weight, read in one host copy.
+
+    A collective (every rank calls it): the weight is gathered from the EP group, and under
+    ``parallel.dp_shard`` from the FSDP shards too, so every rank sees all N rows."""
+    with torch.no_grad():
+        per_layer = [gate_similarity_stats(layer.router.full_weight()) for layer in model.moe_layers]
+        if not per_layer:
+            return []
+        keys = list(per_layer[0])
+        values = torch.stack([torch.stack([s[k] for k in keys]) for s in per_layer]).tolist()
+    return [dict(zip(keys, row)) for row in values]
 
 
 def evaluate(model, val, cfg: Config, groups: ParallelGroups, device) -> float:
