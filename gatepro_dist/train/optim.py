@@ -139,12 +139,20 @@ class OverlappedGradReducer:
 
     Parameters are cut into buckets (dense ones reduced over the world, expert ones over EDP
     only -- never the world), in reverse registration order, which is roughly the order backward
-    finishes them. A ``register_post_accumulate_grad_hook`` on every parameter counts the ones
-    whose gradient is complete; when a bucket is complete its gradients are flattened and an
-    asynchronous all-reduce starts while backward goes on (a blocking one on CPU: see
-    ``comm.all_reduce_sum_async``). ``finish`` starts what never fired
+    finishes them; dense and expert buckets are numbered together in that order. A
+    ``register_post_accumulate_grad_hook`` on every parameter counts the ones whose gradient is
+    complete. Buckets *start* in their number order and in no other: a complete bucket waits
+    until every bucket before it has started. So every rank issues the same collectives in the
+    same order whatever its autograd graph looks like (a rank whose experts received no rows
+    builds another graph and may finish gradients in another order): on NCCL a different order
+    of collectives on two ranks is a hang. ``finish`` starts what never fired, in number order
     (parameters without a gradient this step get zeros, as in ``reduce_gradients``), waits, and
     divides by the world size: per element the same sum and the same division as before.
+
+    Memory: a bucket's flat copy lives only while its reduction is in flight. On the CPU the
+    reduction is blocking (``comm.all_reduce_sum_async``), so the copy is written back and freed
+    at once; on a device at most ``max_in_flight`` copies exist: starting one more first finishes
+    the oldest (on a GPU its ``wait`` orders the streams, the host does not block).
 
     With ``grad_accum`` > 1 only the last micro-batch's backward is armed: earlier ones just
     accumulate locally, so the reduction sees the summed gradient exactly once.
@@ -156,47 +164,60 @@ class OverlappedGradReducer:
     the process at interpreter exit (``cluster.spawn`` and ``cli.train`` rely on this).
     """
 
-    def __init__(self, model: nn.Module, groups: ParallelGroups, bucket_bytes: int = 25 * 2**20):
-        self.groups, self.armed = groups, False
+    def __init__(self, model: nn.Module, groups: ParallelGroups, bucket_bytes: int = 25 * 2**20,
+                 max_in_flight: int = 2):
+        self.groups, self.armed, self.max_in_flight = groups, False, max_in_flight
         self.buckets: list[_Bucket] = []
+        self.next_to_start = 0  # buckets start in index order only
+        self.in_flight: list[_Bucket] = []
         if groups.world_size == 1:  # nothing to communicate, and dividing by 1 changes nothing
             return
-        params = [p for p in model.parameters() if p.requires_grad][::-1]
-        for expert, group in ((False, groups.world_group), (True, groups.edp_group)):
-            bucket = None
-            for p in (q for q in params if is_expert_parallel(q) == expert):
-                nbytes = p.numel() * p.element_size()
-                if bucket is None or (bucket.params and bucket.nbytes + nbytes > bucket_bytes):
-                    bucket = _Bucket(group)
-                    self.buckets.append(bucket)
-                bucket.params.append(p)
-                bucket.nbytes += nbytes
-                p.register_post_accumulate_grad_hook(_grad_ready_hook(weakref.ref(self), len(self.buckets) - 1))
+        open_bucket: dict[bool, _Bucket] = {}
+        for p in [q for q in model.parameters() if q.requires_grad][::-1]:
+            expert = is_expert_parallel(p)
+            nbytes = p.numel() * p.element_size()
+            bucket = open_bucket.get(expert)
+            if bucket is None or (bucket.params and bucket.nbytes + nbytes > bucket_bytes):
+                bucket = open_bucket[expert] = _Bucket(groups.edp_group if expert else groups.world_group)
+                self.buckets.append(bucket)
+            bucket.params.append(p)
+            bucket.nbytes += nbytes
+            p.register_post_accumulate_grad_hook(_grad_ready_hook(weakref.ref(self), self.buckets.index(bucket)))
 
     def arm(self, last_micro_batch: bool) -> None:
         """Call before each backward: reduce during this one only if it is the step's last."""
         self.armed = last_micro_batch and bool(self.buckets)
+        self.next_to_start = 0
         for bucket in self.buckets:
             bucket.ready = 0
 
     def grad_ready(self, index: int) -> None:
-        """One more gradient of bucket ``index`` is complete; start its reduction when all are."""
-        bucket = self.buckets[index]
-        if self.armed and bucket.work is None and bucket.flat is None:
-            bucket.ready += 1
-            if bucket.ready == len(bucket.params):
-                bucket.start()
+        """One more gradient of bucket ``index`` is complete; start every bucket that may start."""
+        if not self.armed:
+            return
+        self.buckets[index].ready += 1
+        while (self.next_to_start < len(self.buckets)
+               and self.buckets[self.next_to_start].ready == len(self.buckets[self.next_to_start].params)):
+            self._start_next()
+
+    def _start_next(self) -> None:
+        bucket = self.buckets[self.next_to_start]
+        self.next_to_start += 1
+        if len(self.in_flight) >= self.max_in_flight:
+            self.in_flight.pop(0).finish(self.groups.world_size)
+        bucket.start()
+        if bucket.work is None:  # blocking reduction (CPU, or one rank): done already
+            bucket.finish(self.groups.world_size)
+        else:
+            self.in_flight.append(bucket)
 
     def finish(self) -> None:
-        """Wait for every bucket's reduction and write the averaged gradients back."""
-        if not self.buckets:
-            return
-        for bucket in self.buckets:
-            if bucket.flat is None:
-                bucket.start()
-        for bucket in self.buckets:
+        """Start what never fired (in index order), wait for every reduction, write the averages back."""
+        while self.next_to_start < len(self.buckets):
+            self._start_next()
+        for bucket in self.in_flight:
             bucket.finish(self.groups.world_size)
-        self.armed = False
+        self.in_flight, self.armed = [], False
 
 
 def _grad_ready_hook(reducer: weakref.ref, index: int):
@@ -211,6 +232,7 @@ class _Bucket:
     def __init__(self, group):
         self.group, self.params, self.nbytes = group, [], 0
         self.ready, self.flat, self.work = 0, None, None
+        self.starts = 0  # reductions started so far (tests read it)
 
     def start(self) -> None:
         for p in self.params:
@@ -218,12 +240,14 @@ class _Bucket:
                 p.grad = torch.zeros_like(p)
         self.flat = _flatten_dense_tensors([p.grad for p in self.params])
         self.work = comm.all_reduce_sum_async(self.flat, self.group)
+        self.starts += 1
 
     def finish(self, world_size: int) -> None:
+        """Wait for the reduction, write the averaged gradients back, and free the flat copy."""
         if self.work is not None:
             self.work.wait()
         self.flat /= world_size
         grads = [p.grad for p in self.params]
         for g, reduced in zip(grads, _unflatten_dense_tensors(self.flat, grads)):
             g.copy_(reduced)
-        self.flat, self.work, self.ready = None, None, 0
+        self.flat, self.work = None, None
