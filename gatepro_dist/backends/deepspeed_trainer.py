@@ -18,7 +18,7 @@ from ..train.checkpoint import check_compatible, read_manifest, resolve_resume
 from ..train.optim import clip_gradients, global_grad_norm
 from ..train.parallel import ParallelGroups
 from ..train.step import (StepStats, TrainResult, begin_step, finish_step, micro_batch_loss, my_part,
-                          open_run_outputs, read_step, set_up_run)
+                          open_run_outputs, read_step, set_up_run, to_device)
 from .deepspeed_config import trainer_clips
 from .deepspeed_engine import (build_engine, ensure_process_group, import_deepspeed, load_deepspeed_checkpoint,
                                save_deepspeed_checkpoint)
@@ -71,7 +71,7 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
         parts = my_part(sampler.global_batch(step), t.grad_accum, groups)
         for micro, part in enumerate(parts):
             inputs, targets = data.train.batch(part)
-            ce, loss, stats = micro_batch_loss(engine, inputs.to(device), targets.to(device))
+            ce, loss, stats = micro_batch_loss(engine, to_device(inputs, device), to_device(targets, device))
             if not _all_finite(loss, groups):
                 # The engine has already taken earlier micro-batches' gradients (ZeRO-2 reduces
                 # them as they arrive), so unlike the native trainer it cannot drop this step.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
+import torch
 import torch.distributed as dist
 
 from ..cluster import faults
@@ -22,6 +23,7 @@ from ..cluster.topology import (TopologyError, complete_world, detect_topology, 
                         rank_map)
 from ..config import ConfigError, help_text, load_config
 from ..config_checks import validate
+from ..moe.experts import describe_expert_kernel
 from ..train.checkpoint import CheckpointError, CheckpointSaveError, preflight_resume
 from ..train.data import DataError
 from ..train.parallel import build_parallel_groups, close_process_groups, exit_process
@@ -93,6 +95,8 @@ def _run(cfg, topology, device, data, train, preemption) -> int:
         print("gatepro-train: " + table, flush=True)
         print(f"gatepro-train: world={groups.world_size} ep={groups.ep} dp={groups.dp} "
               f"device={device.type} run_dir={cfg.train.run_dir}", flush=True)
+        rows_dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
+        print(f"gatepro-train: {describe_expert_kernel(device, rows_dtype, cfg.moe.grouped_gemm)}", flush=True)
     result = train(cfg, groups, device, data=data, preemption=preemption)
     if groups.is_main:
         from ..train.report import write_report

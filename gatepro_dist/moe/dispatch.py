@@ -39,6 +39,9 @@ class DispatchPlan:
     recv_to_grouped: torch.Tensor | None  # permutation: received rows -> grouped by local expert
     grouped_to_recv: torch.Tensor | None  # its inverse; both None when rows arrive grouped already
     tokens_per_local_expert: torch.Tensor  # [E_local] rows each local expert computes
+    # The same numbers on the host when the split sizes were read anyway (ep > 1 or capacity);
+    # None at ep=1 dropless, where nothing is read.
+    rows_per_local_expert: list[int] | None
     tokens_per_expert: torch.Tensor  # [N] routed assignments per expert in the EP group, before drops
     # The statistics below are 0-dim long tensors on the device, summed over the EP group: the
     # trainer reads them once per step, not once per layer.
@@ -125,8 +128,9 @@ def plan_dispatch(
     recv_RE = comm.all_to_all_counts(send_RE, ep_group)
     if ep_size == 1 and capacity_factor is None:  # every assignment stays here: known without a read
         input_splits = output_splits = [expert_A.numel()]
+        rows_per_local_expert = None
     else:
-        input_splits, output_splits = _splits_to_host(send_RE, recv_RE)
+        input_splits, output_splits, rows_per_local_expert = _splits_to_host(send_RE, recv_RE)
     order_S = order_A[: sum(input_splits)]  # the kept assignments (all of them when dropless)
     # Rows from one source rank, or for one local expert, arrive grouped already.
     recv_to_grouped = (
@@ -141,6 +145,7 @@ def plan_dispatch(
         recv_to_grouped=recv_to_grouped,
         grouped_to_recv=None if recv_to_grouped is None else _inverse_permutation(recv_to_grouped),
         tokens_per_local_expert=recv_RE.sum(0),
+        rows_per_local_expert=rows_per_local_expert,
         tokens_per_expert=tokens_per_expert_N,
         total_tokens=header_R3[:, 0].sum(),
         dropped_tokens=dropped,
@@ -149,14 +154,16 @@ def plan_dispatch(
     )
 
 
-def _splits_to_host(send_RE: torch.Tensor, recv_RE: torch.Tensor) -> tuple[list[int], list[int]]:
-    """Rows to send to / receive from each EP rank, as Python lists.
+def _splits_to_host(send_RE: torch.Tensor, recv_RE: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
+    """Rows to send to / receive from each EP rank, and rows per local expert, as Python lists.
 
     The one inherent host read of a layer's forward: ``all_to_all_single`` takes its split sizes
-    as host integers, and the output buffer's size is their sum. One copy for both directions.
+    as host integers, and the output buffer's size is their sum. One copy for all three (the
+    per-expert rows ride along for the expert loop, which needs them on the host too).
     """
-    splits_2R = torch.stack([send_RE.sum(1), recv_RE.sum(1)]).tolist()
-    return splits_2R[0], splits_2R[1]
+    ep_size = send_RE.shape[0]
+    host = torch.cat([send_RE.sum(1), recv_RE.sum(1), recv_RE.sum(0)]).tolist()
+    return host[:ep_size], host[ep_size:2 * ep_size], host[2 * ep_size:]
 
 
 def _inverse_permutation(order: torch.Tensor, size: int | None = None) -> torch.Tensor:

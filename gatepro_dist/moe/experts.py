@@ -21,6 +21,45 @@ def grouped_gemm_available() -> bool:
     return _grouped_mm is not None
 
 
+# GPUs where torch's grouped_mm has its fused bf16 kernel (sm90: H100/H200, sm100: B200). Elsewhere
+# (fp32 on any GPU, bf16 on A100, L40S, sm120, ...) torch runs ``_grouped_mm_fallback``, which
+# copies the offsets to the host and loops over experts: 6 hidden host copies per layer forward
+# and backward, invisible to a Python counter.
+GROUPED_MM_FAST_CAPABILITIES = ((9, 0), (10, 0))
+
+
+def expert_kernel(device: torch.device, dtype: torch.dtype, grouped_gemm: bool = True) -> str:
+    """Which expert computation runs for rows of ``dtype`` on ``device``: ``"grouped_mm"`` or ``"loop"``.
+
+    ``grouped_mm`` where it is one kernel without a host copy: on the CPU (any dtype) and on a
+    GPU with the fast bf16 path. Otherwise the per-expert loop, which takes its split sizes from
+    the layer's one host read (``DispatchPlan.rows_per_local_expert``) instead of torch's fallback
+    making its own. A device this code does not know is treated like a GPU without the fast path
+    unless the rows are bf16 (the fake accelerator of the tests; grouped_mm's meta kernel is bf16 only).
+    """
+    if not grouped_gemm or not grouped_gemm_available():
+        return "loop"
+    if device.type == "cpu":
+        return "grouped_mm"
+    if dtype != torch.bfloat16:
+        return "loop"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) not in GROUPED_MM_FAST_CAPABILITIES:
+        return "loop"
+    return "grouped_mm"
+
+
+def describe_expert_kernel(device: torch.device, dtype: torch.dtype, grouped_gemm: bool = True) -> str:
+    """One line for the start-up log: which expert computation runs, and why."""
+    kernel = expert_kernel(device, dtype, grouped_gemm)
+    if kernel == "grouped_mm":
+        return f"experts: grouped GEMM (torch grouped_mm, {dtype} on {device.type})"
+    if not grouped_gemm:
+        return "experts: per-expert loop (moe.grouped_gemm=false)"
+    why = ("grouped_mm's fast path is bf16 on sm90/sm100 only; its fallback copies offsets to the host"
+           if device.type == "cuda" else f"grouped_mm has no sync-free {dtype} kernel known on {device.type}")
+    return f"experts: per-expert loop, split sizes from the layer's one host read ({why})"
+
+
 def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
     # grouped_mm's backward rejects non-contiguous incoming gradients (e.g. from .sum()).
     if t.requires_grad:
@@ -61,10 +100,14 @@ def swiglu_grouped(x_MD, gate_up_EDF2, down_EFD, tokens_per_expert_E) -> torch.T
     return _contiguous_grad(_grouped_mm(_SwiGLUActivation.apply(h_MF2), down_EFD, offs=offsets_E))
 
 
-def swiglu_loop(x_MD, gate_up_EDF2, down_EFD, tokens_per_expert_E) -> torch.Tensor:
+def swiglu_loop(x_MD, gate_up_EDF2, down_EFD, tokens_per_expert_E, rows_per_expert: list[int] | None = None) -> torch.Tensor:
+    """``rows_per_expert``: the same counts on the host, when the caller has them (no read here)."""
     outputs = []
+    if rows_per_expert is None:
+        # A host read, inherent to a loop: only at ep=1 dropless, where the layer made none before.
+        rows_per_expert = tokens_per_expert_E.tolist()
     # unbind, not indexing: the backward of weight[e] would add a full-size zero gradient per expert.
-    experts = zip(torch.split(x_MD, tokens_per_expert_E.tolist()), gate_up_EDF2.unbind(0), down_EFD.unbind(0))
+    experts = zip(torch.split(x_MD, rows_per_expert), gate_up_EDF2.unbind(0), down_EFD.unbind(0))
     for rows_MD, gate_up_DF2, down_FD in experts:
         gate_MF, up_MF = (rows_MD @ gate_up_DF2).chunk(2, dim=-1)
         outputs.append((F.silu(gate_MF) * up_MF) @ down_FD)
@@ -105,15 +148,18 @@ class GroupedExperts(nn.Module):
             self.gate_up_proj.copy_(seeded_rows(e, first, (d, 2 * f), 1 / math.sqrt(d), 2 * seed + 1))
             self.down_proj.copy_(seeded_rows(e, first, (f, d), 1 / math.sqrt(f), 2 * seed + 2))
 
-    def forward(self, x_MD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_MD: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+                rows_per_expert: list[int] | None = None) -> torch.Tensor:
+        """``rows_per_expert``: ``tokens_per_expert_E`` on the host when the dispatch read it anyway."""
         gate_up, down = local_tensor(self.gate_up_proj).to(x_MD.dtype), local_tensor(self.down_proj).to(x_MD.dtype)
         if x_MD.shape[0] == 0:
             # Nothing arrived. Keep the input and the parameters in the autograd graph anyway:
             # every rank must run the same backward collectives (the all-to-all that brought
             # these zero rows), and parameter gradients should be 0, not None.
             return x_MD.new_zeros((0, self.hidden_size)) + 0 * (x_MD.sum() + gate_up.sum() + down.sum())
-        compute = swiglu_grouped if self.grouped_gemm else swiglu_loop
-        return compute(x_MD, gate_up, down, tokens_per_expert_E)
+        if expert_kernel(x_MD.device, x_MD.dtype, self.grouped_gemm) == "grouped_mm":
+            return swiglu_grouped(x_MD, gate_up, down, tokens_per_expert_E)
+        return swiglu_loop(x_MD, gate_up, down, tokens_per_expert_E, rows_per_expert)
 
 
 class SwiGLU(nn.Module):

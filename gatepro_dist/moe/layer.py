@@ -141,7 +141,7 @@ class MoELayer(nn.Module):
         )
         counts = _GlobalCounts.of(plan, self.balance_group)
         rows_MD = dispatch(in_compute_dtype(x_TD), plan, self.ep_group)
-        expert_out_MD = self.experts(rows_MD, plan.tokens_per_local_expert)
+        expert_out_MD = self.experts(rows_MD, plan.tokens_per_local_expert, plan.rows_per_local_expert)
         out_TD = combine(expert_out_MD, plan, routing.weights_TK, x_TD.shape[0], self.ep_group)
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)

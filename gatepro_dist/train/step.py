@@ -43,6 +43,17 @@ def my_part(global_indices: np.ndarray, grad_accum: int, groups: ParallelGroups)
     return [np.split(m, groups.world_size)[groups.rank] for m in micro]
 
 
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on ``device`` without making the host wait: on CUDA a copy from pageable memory
+    blocks until it is done, so the batch is pinned first and copied asynchronously (torch's
+    pinned-memory allocator keeps the buffer until the copy has run). On the CPU nothing moves."""
+    if device.type == "cpu":
+        return batch
+    if device.type == "cuda":
+        batch = batch.pin_memory()
+    return batch.to(device, non_blocking=True)
+
+
 def autocast(cfg: Config, device: torch.device):
     if cfg.train.dtype == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -223,8 +234,8 @@ def evaluate(model, val, cfg: Config, groups: ParallelGroups, device) -> float:
             start = (b * per_rank * groups.world_size + groups.rank * per_rank) % total_blocks
             idx = (np.arange(per_rank) + start) % total_blocks
             inputs, targets = val.batch(idx)
-            logits, _ = model(inputs.to(device))
-            losses.append(F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten()).detach())
+            logits, _ = model(to_device(inputs, device))
+            losses.append(F.cross_entropy(logits.float().flatten(0, 1), to_device(targets, device).flatten()).detach())
     model.train()
     per_batch = torch.stack(losses).to(torch.float64).tolist()  # one read for every batch
     return mean_over_world([sum(per_batch) / len(per_batch)], groups)[0]

@@ -22,7 +22,7 @@ from .numerics import adamw
 from .optim import clip_gradients, global_grad_norm, gradient_sync, param_groups
 from .parallel import ParallelGroups
 from .step import (StepStats, TrainResult, autocast, begin_step, finish_step, micro_batch_loss, my_part,
-                   open_run_outputs, read_step, set_up_run)
+                   open_run_outputs, read_step, set_up_run, to_device)
 
 
 def locate_non_finite(model: Transformer, finite_L: torch.Tensor, groups: ParallelGroups) -> dict:
@@ -95,7 +95,7 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
         parts = my_part(sampler.global_batch(step), t.grad_accum, groups)
         for micro, part in enumerate(parts):
             inputs, targets = data.train.batch(part)
-            ce, loss, stats = micro_batch_loss(forward, inputs.to(device), targets.to(device))
+            ce, loss, stats = micro_batch_loss(forward, to_device(inputs, device), to_device(targets, device))
             # Dense and expert gradients are reduced bucket by bucket while the last
             # micro-batch's backward still runs; earlier micro-batches only accumulate.
             reducer.arm(last_micro_batch=micro == len(parts) - 1)

@@ -1,4 +1,5 @@
-"""AdamW's state lands where torch's own kernels expect it when a checkpoint is loaded.
+"""Step state on the device: AdamW's state lands where torch's own kernels expect it when a
+checkpoint is loaded, and batches reach the device without blocking the host.
 
 On CUDA the trainer's AdamW is fused; torch creates a fused optimizer's ``step`` counter on the
 parameter's device and its kernel never checks: a counter left on the CPU by the checkpoint
@@ -41,3 +42,27 @@ def test_a_host_counter_optimizer_keeps_its_step_counter_in_host_memory(tmp_path
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, foreach=True)
     state = _state(model, optimizer, single_process_groups(), materialize=True)
     assert {v.device.type for k, v in state.items() if k.endswith(".step")} == {"cpu"}
+
+
+def test_batches_go_to_the_device_without_blocking_the_host():
+    """A batch copied from pageable host memory blocks the host on CUDA; ``to_device`` asks for an
+    asynchronous copy (and pins the batch first on CUDA, a branch this machine cannot run)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from gatepro_dist.train.step import to_device
+
+    copies = []
+
+    class RecordCopies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default:
+                copies.append((kwargs.get("device"), kwargs.get("non_blocking", False)))
+            return func(*args, **kwargs)
+
+    batch = torch.randint(0, 100, (2, 8))
+    with RecordCopies():
+        moved = to_device(batch, torch.device("meta"))
+        same = to_device(batch, torch.device("cpu"))
+    assert moved.device.type == "meta" and same is batch
+    assert copies == [(torch.device("meta"), True)]
