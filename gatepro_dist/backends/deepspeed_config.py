@@ -24,6 +24,9 @@ OWNED_BY_OUR_CONFIG = {
     "gradient_clipping": "train.grad_clip",
     "zero_optimization.stage": "deepspeed.zero_stage",
     "bf16.enabled": "train.dtype",
+    "torch_autocast.enabled": "train.dtype",
+    "torch_autocast.dtype": "train.dtype",
+    "torch_autocast.lower_precision_safe_modules": "train.dtype",
 }
 # Sections a user JSON may not contain at all: our trainer builds these itself.
 REJECTED_SECTIONS = {
@@ -36,13 +39,26 @@ REJECTED_SECTIONS = {
 def trainer_clips(cfg: Config) -> bool:
     """Whether our trainer clips gradients itself instead of DeepSpeed.
 
-    At ZeRO stage 0 in fp32, DeepSpeed clips with the *mean over ranks of each rank's local norm*
+    At ZeRO stage 0, DeepSpeed clips with the *mean over ranks of each rank's local norm*
     (runtime/utils.py clip_grad_norm_), which under expert parallelism is not the model's norm:
-    each EP rank holds different experts. There the gradients are still whole tensors on the
-    module, so we clip them with the true global norm, exactly as the native trainer does. ZeRO
-    1/2 sum partition norms over all ranks, which is the true norm, so DeepSpeed clips there.
+    each EP rank holds different experts. There the gradients are still whole fp32 tensors on the
+    module (bf16 runs under ``torch_autocast``: parameters stay fp32), so we clip them with the
+    true global norm, exactly as the native trainer does. ZeRO 1/2 sum partition norms over all
+    ranks, which is the true norm, so DeepSpeed clips there.
     """
-    return cfg.deepspeed.zero_stage == 0 and cfg.train.dtype == "fp32"
+    return cfg.deepspeed.zero_stage == 0
+
+
+def mixed_precision(dtype: str) -> dict:
+    """``train.dtype=bf16`` as the native trainer runs it: DeepSpeed's ``torch_autocast`` (fp32
+    parameters, buffers and AdamW state; matmuls in bf16 under autocast), not its ``bf16`` section,
+    which casts the whole module to bf16 -- the router rows (GatePro's comparison of fp32 logits)
+    and the aux-loss-free ``expert_bias`` buffer with it (steps of 1e-3 vanish in bf16 once
+    |bias| > 0.25). No module is declared "lower precision safe": gradients are reduced in fp32,
+    as in the native trainer."""
+    bf16 = dtype == "bf16"
+    autocast = {"enabled": bf16, "dtype": "bfloat16", "lower_precision_safe_modules": []} if bf16 else {"enabled": False}
+    return {"bf16": {"enabled": False}, "torch_autocast": autocast}
 
 
 def generated_config(cfg: Config, world_size: int) -> dict:
@@ -60,7 +76,7 @@ def generated_config(cfg: Config, world_size: int) -> dict:
             "contiguous_gradients": True,
             "overlap_comm": False,
         },
-        "bf16": {"enabled": t.dtype == "bf16"},
+        **mixed_precision(t.dtype),
         "zero_allow_untested_optimizer": True,  # our torch AdamW under ZeRO
         "steps_per_print": 2**31 - 1,  # our trainer logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
