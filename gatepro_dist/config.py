@@ -144,11 +144,19 @@ class TrainConfig:
     global_batch_size: int = _f(16, "sequences per optimizer step, all ranks together")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     lr: float = _f(3e-3, "peak learning rate")
-    min_lr_ratio: float = _f(0.1, "final lr as a fraction of peak (cosine decay)")
+    lr_schedule: Literal["cosine", "wsd", "linear", "constant"] = _f(
+        "cosine", "after warmup: cosine or linear decay to min_lr_ratio * lr at train.steps; wsd (warmup-"
+        "stable-decay: flat, then the last train.decay_fraction of train.steps decays); constant")
+    decay_fraction: float = _f(0.2, "wsd: the fraction of train.steps that decays (the last ones)")
+    decay_shape: Literal["linear", "1-sqrt"] = _f("linear", "wsd: shape of the decay to min_lr_ratio * lr")
+    allow_schedule_change: bool = _f(
+        False, "resume even when a changed train.steps rewrites the lr of steps already taken (cosine, linear)")
+    min_lr_ratio: float = _f(0.1, "final lr as a fraction of peak (cosine, linear and wsd decay)")
     warmup_steps: int = _f(30, "linear warmup steps")
     weight_decay: float = _f(0.1, "AdamW weight decay")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.95, "AdamW beta2")
+    eps: float = _f(1e-8, "AdamW epsilon")
     grad_clip: float = _f(1.0, "global grad-norm clip (0 = off)")
     dtype: Literal["fp32", "bf16"] = _f("fp32", "compute dtype (router logits stay fp32)")
     deterministic: bool = _f(False, "force deterministic kernels")
@@ -160,6 +168,10 @@ class TrainConfig:
     eval_batches: int = _f(4, "batches per evaluation")
     stats_every: int = _f(10, "steps between router statistics (zero-token count, S metrics)")
     save_every: int = _f(100, "steps between checkpoints")
+    keep_last: Optional[int] = _f(None, "keep only the newest K checkpoints (never the one resumed from); null = keep all")
+    async_save: bool = _f(False, "write checkpoints in the background (DCP async_save) while training goes on")
+    compile: bool = _f(False, "torch.compile each transformer block (the MoE dispatch stays eager)")
+    peak_tflops: Optional[float] = _f(None, "peak TFLOP/s per rank for MFU; null = the GPU's dense bf16 peak if known, else no MFU")
     resume: str = _f("none", "'none', 'auto' (latest in run_dir) or a checkpoint directory")
     backend: Literal["native", "deepspeed"] = _f("native", "training engine")
     progress: bool = _f(True, "show a progress line on rank 0")
@@ -177,6 +189,13 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class MetricsConfig:
+    wandb: Optional[Literal["offline", "online"]] = _f(
+        None, "also log to Weights & Biases: offline (a local run, no network) or online; null = off")
+    wandb_project: str = _f("gatepro_dist", "the W&B project name")
+
+
+@dataclass
 class Config:
     model: ModelConfig = _section(ModelConfig, "transformer shape")
     moe: MoEConfig = _section(MoEConfig, "mixture of experts")
@@ -185,6 +204,7 @@ class Config:
     data: DataConfig = _section(DataConfig, "training text")
     train: TrainConfig = _section(TrainConfig, "optimisation, logging, checkpoints")
     deepspeed: DeepSpeedConfig = _section(DeepSpeedConfig, "DeepSpeed engine (used when train.backend=deepspeed)")
+    metrics: MetricsConfig = _section(MetricsConfig, "experiment trackers beyond metrics.jsonl and TensorBoard")
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -218,7 +238,8 @@ def gatepro_enabled_at(gatepro: GateProConfig, step: int) -> bool:
 HASH_EXCLUDED_KEYS = (
     "train.steps", "train.resume", "train.run_dir", "train.log_every", "train.eval_every",
     "train.stats_every", "train.save_every", "train.progress", "parallel.timeout_s",
-    "train.activation_checkpointing",
+    "train.activation_checkpointing", "train.keep_last", "train.async_save", "train.peak_tflops",
+    "train.allow_schedule_change", "metrics.wandb", "metrics.wandb_project",
 )
 
 

@@ -22,7 +22,7 @@ _POSITIVE = (
     "moe.shared_expert_ffn_dim", "moe.capacity_factor", "parallel.ep", "parallel.timeout_s",
     "data.seq_len", "data.max_bytes", "train.steps", "train.global_batch_size",
     "train.grad_accum", "train.lr", "train.log_every", "train.eval_every", "train.eval_batches",
-    "train.stats_every", "train.save_every",
+    "train.stats_every", "train.save_every", "train.eps", "train.keep_last", "train.peak_tflops",
 )
 _NON_NEGATIVE = (
     "model.first_dense_layers", "moe.num_shared_experts", "router.aux_loss_coef",
@@ -33,6 +33,7 @@ _NON_NEGATIVE = (
 _RANGES = {
     "data.val_fraction": (0.0, 0.5, False, True),
     "train.min_lr_ratio": (0.0, 1.0, True, True),
+    "train.decay_fraction": (0.0, 1.0, False, True),
     "train.beta1": (0.0, 1.0, True, False),
     "train.beta2": (0.0, 1.0, True, False),
 }

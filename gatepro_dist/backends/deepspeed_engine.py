@@ -167,7 +167,7 @@ def build_engine(deepspeed, cfg: Config, groups: ParallelGroups, model: nn.Modul
     # foreach: one multi-tensor update per group, not a loop over parameters (DeepSpeed's ZeRO wrapper
     # steps this optimizer on its own partitions, so the fused CUDA kernel is not assumed here).
     optimizer = torch.optim.AdamW(optimizer_groups(model, t.weight_decay), lr=t.lr,
-                                  betas=(t.beta1, t.beta2), foreach=True)
+                                  betas=(t.beta1, t.beta2), eps=t.eps, foreach=True)
     engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer,
                                            config=deepspeed_config(cfg, groups.world_size))
     return engine

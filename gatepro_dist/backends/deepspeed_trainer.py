@@ -7,8 +7,6 @@ the loss trajectory equals the native backend's (tests/test_deepspeed_backend.py
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 from ..cluster.preemption import NonFiniteStop, PreemptionWatch
@@ -17,8 +15,9 @@ from ..moe import comm
 from ..train.checkpoint import check_compatible, read_manifest, resolve_resume
 from ..train.optim import clip_gradients, global_grad_norm
 from ..train.parallel import ParallelGroups
-from ..train.step import (StepStats, TrainResult, begin_step, finish_step, micro_batch_loss, my_part,
+from ..train.step import (LogWindow, StepStats, TrainResult, begin_step, finish_step, micro_batch_loss, my_part,
                           open_run_outputs, read_step, set_up_run, to_device)
+from ..train.step_numbers import StepTimer
 from .deepspeed_config import trainer_clips
 from .deepspeed_engine import (build_engine, ensure_process_group, import_deepspeed, load_deepspeed_checkpoint,
                                save_deepspeed_checkpoint)
@@ -62,8 +61,9 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
         save_deepspeed_checkpoint(engine, model, run_dir, step_done, groups,
                                   {"step": step_done, "sampler": sampler.state_dict()}, cfg_dict, cfg_hash)
 
+    window, timer = LogWindow(t.log_every), StepTimer(device)
     for step in range(start, t.steps):
-        began = time.perf_counter()
+        timer.start()
         gatepro_on, lr = begin_step(cfg, step, model, engine.optimizer)
 
         step_stats, grad_norm = StepStats(), None
@@ -71,7 +71,9 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
         parts = my_part(sampler.global_batch(step), t.grad_accum, groups)
         for micro, part in enumerate(parts):
             inputs, targets = data.train.batch(part)
-            ce, loss, stats = micro_batch_loss(engine, to_device(inputs, device), to_device(targets, device))
+            inputs, targets = to_device(inputs, device), to_device(targets, device)
+            timer.mark("data_s")
+            ce, loss, stats = micro_batch_loss(engine, inputs, targets)
             if not _all_finite(loss, groups):
                 # The engine has already taken earlier micro-batches' gradients (ZeRO-2 reduces
                 # them as they arrive), so unlike the native trainer it cannot drop this step.
@@ -79,10 +81,12 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
                     f"non-finite loss at step {step + 1}; the deepspeed backend stops on it (its engine "
                     "cannot skip a step); resume from the last checkpoint with a lower train.lr")
             engine.backward(loss)  # scales by 1/grad_accum; reduces gradients on the last micro-batch
+            timer.mark("fwd_bwd_s")
             if we_clip and micro == len(parts) - 1:
                 grad_norm = global_grad_norm(model, groups)
                 clip_gradients(model, grad_norm, t.grad_clip)
             engine.step()
+            timer.mark("optimizer_s")
             step_stats.add(stats)
             ce_sum += ce.detach().to(torch.float64)
         sampler.step = step + 1
@@ -91,13 +95,12 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
         for layer, acc in zip(model.moe_layers, step_stats.layers or []):
             layer.router.update_bias(acc["counts"])
         readout = read_step(ce_sum, t.grad_accum, grad_norm, step_stats, groups)
-        elapsed = time.perf_counter() - began
+        window.add(readout, tokens_per_step, timer.elapsed(), timer.split())
         losses.append(readout.loss)
 
         done = step + 1
-        record = readout.record(done, lr, gatepro_on, tokens_per_step / elapsed)
-        val_loss = finish_step(record, cfg, groups, device, model, data, metrics, progress, preemption,
-                               save, run_dir, val_loss, eval_model=engine.module)
+        val_loss = finish_step(window, done, lr, gatepro_on, readout.finite, cfg, groups, device, model, data,
+                               metrics, progress, preemption, save, run_dir, val_loss, eval_model=engine.module)
 
     progress.close()
     metrics.close()

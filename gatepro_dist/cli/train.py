@@ -26,6 +26,7 @@ from ..config_checks import validate
 from ..moe.experts import describe_expert_kernel
 from ..train.checkpoint import CheckpointError, CheckpointSaveError, preflight_resume
 from ..train.data import DataError
+from ..train.numerics import describe_optimizer
 from ..train.parallel import build_parallel_groups, close_process_groups, exit_process
 
 USAGE = """usage: gatepro-train [CONFIG.yaml] [key=value ...]
@@ -97,6 +98,8 @@ def _run(cfg, topology, device, data, train, preemption) -> int:
               f"device={device.type} run_dir={cfg.train.run_dir}", flush=True)
         rows_dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
         print(f"gatepro-train: {describe_expert_kernel(device, rows_dtype, cfg.moe.grouped_gemm)}", flush=True)
+        print(f"gatepro-train: {describe_optimizer(cfg.train, device, cfg.train.backend, cfg.deepspeed.zero_stage)}",
+              flush=True)
     result = train(cfg, groups, device, data=data, preemption=preemption)
     if groups.is_main:
         from ..train.report import write_report

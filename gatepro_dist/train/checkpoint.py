@@ -35,9 +35,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 
 from ..cluster import faults
-from ..config import Config, flatten_keys
+from ..config import Config, config_from_dict, flatten_keys
 from ..moe.comm import local_tensor
 from ..moe.router import is_expert_parallel
+from .optim import schedule_change_problem
 from .parallel import ParallelGroups, single_process_groups
 
 CHECKPOINTS = "checkpoints"
@@ -377,6 +378,11 @@ def check_compatible(manifest: dict, config: dict, path: Path) -> list[str]:
                 f"checkpoint {path} has {key}={saved.get(key)!r} but the config says "
                 f"{now.get(key)!r}; resume with the checkpoint's model shape or start a new run_dir"
             )
+    if "train.steps" in changed and not is_weights_only(manifest):
+        problem = schedule_change_problem(config_from_dict(manifest.get("config", {}), str(path)).train,
+                                          config_from_dict(config).train, int(manifest.get("step", 0)))
+        if problem is not None:
+            raise CheckpointError(f"resuming {path}: {problem}")
     return changed
 
 

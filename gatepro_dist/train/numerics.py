@@ -30,7 +30,19 @@ def set_numerics(t: TrainConfig, device: torch.device, environ=os.environ) -> No
         torch.use_deterministic_algorithms(True)
 
 
+def adamw_kind(device: torch.device) -> str:
+    """The fastest AdamW update the device has: one fused kernel on CUDA, foreach elsewhere."""
+    return "fused" if device.type == "cuda" else "foreach"
+
+
 def adamw(params, t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with the fastest update the device has: one fused kernel on CUDA, foreach elsewhere."""
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), **fast)
+    """AdamW with ``adamw_kind``'s implementation and the configured betas and eps."""
+    return torch.optim.AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, **{adamw_kind(device): True})
+
+
+def describe_optimizer(t: TrainConfig, device: torch.device, backend: str = "native", zero_stage: int = 0) -> str:
+    """One line for the start-up log: which optimizer runs, where, with which hyper-parameters."""
+    kind = (f"torch AdamW (foreach) under DeepSpeed ZeRO-{zero_stage}" if backend == "deepspeed"
+            else f"torch AdamW ({adamw_kind(device)})")
+    return (f"optimizer: {kind}, lr {t.lr:g} ({t.lr_schedule}, warmup {t.warmup_steps}), betas "
+            f"({t.beta1:g}, {t.beta2:g}), eps {t.eps:g}, weight decay {t.weight_decay:g}")

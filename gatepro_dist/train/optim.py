@@ -32,12 +32,62 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def lr_at(step: int, *, peak: float, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to ``peak``, then cosine decay to ``min_ratio * peak`` at ``total``."""
+def lr_at(step: int, *, peak: float, warmup: int, total: int, min_ratio: float, schedule: str = "cosine",
+          decay_fraction: float = 0.2, decay_shape: str = "linear") -> float:
+    """The learning rate of 0-based ``step``: linear warmup to ``peak`` over ``warmup`` steps, then
+
+    - ``cosine``: cosine decay to ``min_ratio * peak`` at ``total``;
+    - ``linear``: straight-line decay to ``min_ratio * peak`` at ``total``;
+    - ``wsd`` (warmup-stable-decay): ``peak`` until the last ``round(decay_fraction * total)``
+      steps, which decay to ``min_ratio * peak`` (reached at the last step), linearly or as
+      ``1 - sqrt`` of the decay's progress (``decay_shape``);
+    - ``constant``: ``peak``.
+    """
     if warmup > 0 and step < warmup:
         return peak * (step + 1) / warmup
+    floor = min_ratio * peak
+    if schedule == "constant":
+        return peak
+    if schedule == "wsd":
+        decay_steps = max(1, round(decay_fraction * total))
+        into_decay = step - (total - decay_steps) + 1  # 1 at the first decaying step, decay_steps at the last
+        if into_decay <= 0:
+            return peak
+        progress = min(1.0, into_decay / decay_steps)
+        remaining = 1 - math.sqrt(progress) if decay_shape == "1-sqrt" else 1 - progress
+        return floor + (peak - floor) * remaining
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return floor + (peak - floor) * (1 - progress)
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def scheduled_lr(step: int, t) -> float:
+    """``lr_at`` with the schedule of a ``TrainConfig`` ``t``."""
+    return lr_at(step, peak=t.lr, warmup=t.warmup_steps, total=t.steps, min_ratio=t.min_lr_ratio,
+                 schedule=t.lr_schedule, decay_fraction=t.decay_fraction, decay_shape=t.decay_shape)
+
+
+def schedule_change_problem(saved_train, train, steps_done: int) -> str | None:
+    """Why resuming a run saved with ``saved_train`` under ``train`` (both ``TrainConfig``) after
+    ``steps_done`` steps would rewrite its past, or None when it would not.
+
+    The rule: a resumed run's learning rates must continue the ones it already took. ``train.steps``
+    is not part of the config hash (a run may be extended), but it is the decay horizon: extending a
+    cosine or linear run changes the lr of steps already taken (the curve is stretched under them),
+    so that is refused unless ``train.allow_schedule_change=true``. WSD's stable phase simply extends
+    as long as the resume point is before both decays begin; a constant schedule never changes.
+    """
+    if train.allow_schedule_change or saved_train.steps == train.steps:
+        return None
+    changed = [s for s in range(steps_done) if scheduled_lr(s, saved_train) != scheduled_lr(s, train)]
+    if not changed:
+        return None
+    return (f"train.steps changed from {saved_train.steps} to {train.steps}, which changes the "
+            f"{train.lr_schedule} schedule's lr at steps already taken (first: step {changed[0] + 1}, "
+            f"{scheduled_lr(changed[0], saved_train):.3g} -> {scheduled_lr(changed[0], train):.3g}); keep "
+            f"train.steps={saved_train.steps}, use train.lr_schedule=wsd to extend a run, or set "
+            "train.allow_schedule_change=true")
 
 
 def reduce_gradients(model: nn.Module, groups: ParallelGroups) -> None:

@@ -17,16 +17,17 @@ import torch.nn.functional as F
 from ..cluster.preemption import Preempted, PreemptionWatch
 from ..config import Config, config_hash
 from ..moe import comm
-from ..moe.layer import MoEStats
-from ..moe.routing import gate_similarity_stats, margin_summary
+from ..moe.routing import gate_similarity_stats
 from .checkpoint import latest_checkpoint
 from .data import GlobalBatchSampler, build_data
 from .metrics import MetricsWriter, ProgressBar
 from .model import Transformer
 from .numerics import set_numerics
-from .optim import lr_at
+from .optim import scheduled_lr
 from .parallel import ParallelGroups
+from .readout import LogWindow, StepReadout, StepStats, read_step  # noqa: F401 (the engines' one import)
 from .sharding import shard_model
+from .step_numbers import peak_memory_gib, reset_peak_memory, throughput_numbers
 
 
 @dataclass
@@ -65,7 +66,7 @@ def begin_step(cfg: Config, step: int, model: Transformer, optimizer) -> tuple[b
     t = cfg.train
     gatepro_on = cfg.router.gatepro.enabled_at(step)
     model.set_gatepro(gatepro_on)
-    lr = lr_at(step, peak=t.lr, warmup=t.warmup_steps, total=t.steps, min_ratio=t.min_lr_ratio)
+    lr = scheduled_lr(step, t)
     for group in optimizer.param_groups:
         group["lr"] = lr
     return gatepro_on, lr
@@ -85,121 +86,28 @@ def mean_over_world(values: list[float], groups: ParallelGroups) -> list[float]:
     return [v / groups.world_size for v in comm.host_all_reduce(values, groups.world_group)]
 
 
-class StepStats:
-    """Per-layer MoE statistics summed over the micro-batches of one optimizer step.
-
-    Everything stays on the device (0-dim and [N] tensors): ``read_step`` reduces a whole step's
-    statistics with one collective per kind and reads them, with the loss and the gradient norm,
-    in a single host copy.
-    """
-
-    def __init__(self):
-        self.layers: list[dict] | None = None
-        self.micro_batches = 0
-
-    def add(self, stats: list[MoEStats]) -> None:
-        if self.layers is None:
-            self.layers = [dict(counts=torch.zeros_like(s.tokens_per_expert),
-                                losses=torch.zeros(2, dtype=torch.float64, device=s.tokens_per_expert.device),
-                                counted=torch.zeros(4, dtype=torch.long, device=s.tokens_per_expert.device),
-                                rows_max=torch.zeros((), dtype=torch.long, device=s.tokens_per_expert.device),
-                                margin=torch.zeros_like(s.routing_margin))
-                           for s in stats]
-        for acc, s in zip(self.layers, stats):
-            acc["counts"] += s.tokens_per_expert
-            acc["losses"] += torch.stack([s.aux_loss.detach(), s.z_loss.detach()]).to(torch.float64)
-            acc["counted"] += torch.stack([s.dropped_tokens, s.gatepro_penalised, s.gatepro_topk_changed,
-                                           s.tokens_per_expert.sum()])
-            acc["rows_max"] = torch.maximum(acc["rows_max"], s.expert_rows_max)
-            acc["margin"] += s.routing_margin
-        self.micro_batches += 1
-
-
-@dataclass
-class StepReadout:
-    """A step's numbers on the host, the same on every rank."""
-
-    loss: float  # global mean training loss
-    grad_norm: float
-    finite: bool  # loss and gradient norm finite on every rank
-    moe: list[dict]  # one metrics entry per MoE layer
-
-    def record(self, step_done: int, lr: float, gatepro_on: bool, tokens_per_s: float) -> dict:
-        """The step's metrics line (``metrics.jsonl``), the same for both engines."""
-        return {"step": step_done, "loss": self.loss, "lr": lr, "grad_norm": self.grad_norm,
-                "tokens_per_s": tokens_per_s, "gatepro": gatepro_on, "moe": self.moe}
-
-
-def read_step(loss_sum: torch.Tensor, grad_accum: int, grad_norm: torch.Tensor, step_stats: StepStats,
-              groups: ParallelGroups) -> StepReadout:
-    """Reduce a step's loss and statistics over the world and read them in one host copy.
-
-    ``loss_sum`` is this rank's summed micro-batch loss (a device tensor). The one read is
-    inherent: the host decides whether to apply the update and writes the metrics line. The
-    finite flag is summed over the world, so every rank takes the same decision even when only
-    one rank's gradients went bad after the reduction.
-    """
-    layers = step_stats.layers or []
-    n = max(step_stats.micro_batches, 1)
-    device = loss_sum.device
-    grad_norm = torch.as_tensor(grad_norm, dtype=torch.float64).to(device)
-    # Summed over the world: the mean loss, each layer's (aux, z) share, the non-finite flag, and
-    # each layer's routing-margin counts (this rank's tokens; float64 holds them exactly).
-    world_sum = torch.cat([(loss_sum.to(torch.float64) / grad_accum).reshape(1),
-                           *(acc["losses"] / n for acc in layers),
-                           (~torch.isfinite(grad_norm)).to(torch.float64).reshape(1),
-                           *(acc["margin"].to(torch.float64) for acc in layers)])
-    comm.all_reduce_sum(world_sum, groups.world_group)
-    rows_max_L = torch.stack([acc["rows_max"] for acc in layers]) if layers else world_sum.new_zeros(0).long()
-    comm.all_reduce_max(rows_max_L, groups.world_group)
-    # Counts are global already (summed over EP and EDP in the layer).
-    host = torch.cat([world_sum, grad_norm.reshape(1), rows_max_L.to(torch.float64),
-                      *(acc["counted"].to(torch.float64) for acc in layers),
-                      *(acc["counts"].to(torch.float64) for acc in layers)]).tolist()
-    loss, *rest = host
-    losses_L2, rest = rest[: 2 * len(layers)], rest[2 * len(layers):]
-    bad_grad_ranks, *rest = rest
-    margin_width = layers[0]["margin"].numel() if layers else 0
-    margins, (norm, *rest) = rest[: margin_width * len(layers)], rest[margin_width * len(layers):]
-    rows_max, rest = rest[: len(layers)], rest[len(layers):]
-    counted, rest = rest[: 4 * len(layers)], rest[4 * len(layers):]
-    out = []
-    for i, acc in enumerate(layers):
-        num_experts = acc["counts"].numel()
-        counts = [int(c) for c in rest[i * num_experts:(i + 1) * num_experts]]
-        dropped, penalised, changed, assignments = (int(v) for v in counted[4 * i:4 * i + 4])
-        out.append({
-            "layer": i, "zero_token_experts": sum(c == 0 for c in counts),
-            "max_load": max(counts), "mean_load": sum(counts) / num_experts,
-            "aux_loss": losses_L2[2 * i] / groups.world_size, "z_loss": losses_L2[2 * i + 1] / groups.world_size,
-            "dropped_tokens": dropped, "drop_rate": dropped / max(assignments, 1),
-            "expert_rows_max": int(rows_max[i]), "gatepro_penalised": penalised,
-            "gatepro_topk_changed": changed, "tokens_per_expert": counts,
-            "routing_margin": margin_summary([int(v) for v in margins[i * margin_width:(i + 1) * margin_width]]),
-        })
-    loss /= groups.world_size
-    return StepReadout(loss, norm, math.isfinite(loss) and bad_grad_ranks == 0, out)
-
-
-def finish_step(record: dict, cfg: Config, groups: ParallelGroups, device, model: Transformer, data,
-                metrics: MetricsWriter, progress: ProgressBar, preemption: PreemptionWatch | None, save,
-                run_dir: Path, val_loss: float | None, eval_model=None) -> float | None:
-    """Everything after a step's update, for both engines: router similarity and evaluation when
-    due, the metrics line, the agreed preemption check and the checkpoint. Returns the latest
+def finish_step(window: LogWindow, done: int, lr: float, gatepro_on: bool, finite: bool, cfg: Config,
+                groups: ParallelGroups, device, model: Transformer, data, metrics: MetricsWriter,
+                progress: ProgressBar, preemption: PreemptionWatch | None, save, run_dir: Path,
+                val_loss: float | None, eval_model=None) -> float | None:
+    """Everything after a step's update (its readout already ``add``ed to ``window``), for both
+    engines: router similarity and evaluation when due, the metrics line when the window closes
+    (or the ranks agreed to stop), the progress line, and the checkpoint. Returns the latest
     validation loss; raises Preempted after saving when the ranks agreed to stop. ``eval_model``
     (default ``model``) is what evaluation calls, e.g. the module a DeepSpeed engine wraps."""
-    t, done = cfg.train, record["step"]
+    t = cfg.train
     if done % t.stats_every == 0 or done == t.steps:
-        for entry, similarity in zip(record["moe"], router_similarity(model)):
-            entry["similarity"] = similarity
+        window.note(similarity=router_similarity(model))
     if done % t.eval_every == 0 or done == t.steps:
         evaluated = model if eval_model is None else eval_model
-        val_loss = record["val_loss"] = evaluate(evaluated, data.val, cfg, groups, device)
-    metrics.write(record)
-    progress.update(done, loss=record["loss"], tokens_per_s=record["tokens_per_s"])
+        val_loss = evaluate(evaluated, data.val, cfg, groups, device)
+        window.note(val_loss=val_loss)
+    progress.update(done, loss=window.losses[-1], tokens_per_s=window.tokens / max(window.seconds, 1e-12))
     # Every rank agrees on the step to stop at (a MAX all-reduce of the signal flag).
     stop = (preemption.agreed(groups.world_group, comm.host_device(groups.world_group))
             if preemption is not None and done < t.steps else 0)
+    if stop or window.due(done, t.steps, finite):
+        metrics.write(metrics_line(window, done, lr, gatepro_on, cfg, groups, device))
     if stop or done % t.save_every == 0 or done == t.steps:
         save(done)
     if stop:
@@ -207,6 +115,17 @@ def finish_step(record: dict, cfg: Config, groups: ParallelGroups, device, model
         metrics.close()
         raise Preempted(done, stop, latest_checkpoint(run_dir))
     return val_loss
+
+
+def metrics_line(window: LogWindow, done: int, lr: float, gatepro_on: bool, cfg: Config, groups: ParallelGroups,
+                 device) -> dict:
+    """Close ``window`` into a metrics line, with TFLOP/s per rank, MFU and the peak memory since the
+    previous line (host-side counters: no device read)."""
+    line = window.record(done, lr, gatepro_on)
+    line.update(throughput_numbers(cfg, device, line["tokens_per_s"], groups.world_size))
+    line.update(peak_memory_gib(device))
+    reset_peak_memory(device)
+    return line
 
 
 def router_similarity(model: Transformer) -> list[dict[str, float]]:

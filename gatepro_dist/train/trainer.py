@@ -6,8 +6,6 @@ the same sequences whatever the layout, so dp x ep layouts follow the same loss 
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 from ..cluster import faults
@@ -21,8 +19,9 @@ from .model import Transformer
 from .numerics import adamw
 from .optim import clip_gradients, global_grad_norm, gradient_sync, param_groups
 from .parallel import ParallelGroups
-from .step import (StepStats, TrainResult, autocast, begin_step, finish_step, micro_batch_loss, my_part,
-                   open_run_outputs, read_step, set_up_run, to_device)
+from .step import (LogWindow, StepStats, TrainResult, autocast, begin_step, finish_step, metrics_line,
+                   micro_batch_loss, my_part, open_run_outputs, read_step, set_up_run, to_device)
+from .step_numbers import StepTimer
 
 
 def locate_non_finite(model: Transformer, finite_L: torch.Tensor, groups: ParallelGroups) -> dict:
@@ -85,8 +84,9 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
         with autocast(cfg, device):  # the cross-entropy runs outside it, in fp32
             return model(inputs_BS)
 
+    window, timer = LogWindow(t.log_every), StepTimer(device)
     for step in range(start, t.steps):
-        began = time.perf_counter()
+        timer.start()
         faults.set_step(step + 1)
         gatepro_on, lr = begin_step(cfg, step, model, optimizer)
 
@@ -95,7 +95,9 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
         parts = my_part(sampler.global_batch(step), t.grad_accum, groups)
         for micro, part in enumerate(parts):
             inputs, targets = data.train.batch(part)
-            ce, loss, stats = micro_batch_loss(forward, to_device(inputs, device), to_device(targets, device))
+            inputs, targets = to_device(inputs, device), to_device(targets, device)
+            timer.mark("data_s")
+            ce, loss, stats = micro_batch_loss(forward, inputs, targets)
             # Dense and expert gradients are reduced bucket by bucket while the last
             # micro-batch's backward still runs; earlier micro-batches only accumulate.
             reducer.arm(last_micro_batch=micro == len(parts) - 1)
@@ -103,9 +105,12 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
             step_stats.add(stats)
             ce_sum += ce.detach().to(torch.float64)
             finite_L = model.finite_outputs_L & finite_L
+            if micro < len(parts) - 1:
+                timer.mark("fwd_bwd_s")
         sampler.step = step + 1
         reducer.finish()
         faults.corrupt_gradients(model)  # after the reduction: read_step's flag makes every rank agree
+        timer.mark("fwd_bwd_s")
 
         grad_norm = global_grad_norm(model, groups)
         readout = read_step(ce_sum, t.grad_accum, grad_norm, step_stats, groups)
@@ -118,27 +123,27 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
             for layer, acc in zip(model.moe_layers, step_stats.layers or []):
                 layer.router.update_bias(acc["counts"])
         optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - began
+        timer.mark("optimizer_s")
+        window.add(readout, tokens_per_step, timer.elapsed(), timer.split())
         losses.append(step_loss)
 
         done = step + 1
-        record = readout.record(done, lr, gatepro_on, tokens_per_step / elapsed)
         if not finite:
-            record.update(skipped=True, non_finite=where)
+            window.note(skipped=True, non_finite=where)
             if groups.is_main:
                 log(f"non-finite {where['what']} at step {done}, first in {where['where']}: "
                     + ("step skipped (train.nan_policy=skip)" if t.nan_policy == "skip"
                        else "saving a checkpoint and stopping (train.nan_policy=stop)"))
             if t.nan_policy == "stop":
-                metrics.write(record)
+                metrics.write(metrics_line(window, done, lr, gatepro_on, cfg, groups, device))
                 save(done)
                 metrics.close()
                 raise NonFiniteStop(
                     f"non-finite {where['what']} at step {done}, first in {where['where']}; checkpoint "
                     f"{latest_checkpoint(run_dir)} saved (without this step's update); lower train.lr or raise "
                     "train.grad_clip/warmup, then resume with train.resume=auto")
-        val_loss = finish_step(record, cfg, groups, device, model, data, metrics, progress, preemption, save,
-                               run_dir, val_loss)
+        val_loss = finish_step(window, done, lr, gatepro_on, finite, cfg, groups, device, model, data, metrics,
+                               progress, preemption, save, run_dir, val_loss)
 
     progress.close()
     metrics.close()
