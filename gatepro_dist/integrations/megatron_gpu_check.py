@@ -20,7 +20,10 @@ Two checks, with TF32 off:
 2. ``gpt``: a 2-layer Megatron ``GPTModel`` (fp32) whose MoE layers route with GatePro trains a few
    steps on the stdlib corpus: the loss must fall, and GatePro must have changed some tokens' top-k sets.
 
-``megatron_moe_layer`` is also what ``gatepro-bench gpu`` times beside our layer.
+``megatron_moe_layer`` is also what ``gatepro-bench gpu`` times beside our layer (labelled by
+``experts_label``: what its experts really ran), and ``run_checks`` is its ``megatron_check`` section.
+Megatron's own launchers join a plain ``nccl`` group, and so do ``main`` and those sections (a world of
+one); our trainer's ``cpu:gloo,cuda:nccl`` group is checked by the other sections.
 
 Prints one JSON object and exits 0 when both pass, 1 otherwise.
 """
@@ -74,6 +77,15 @@ def transformer_engine_version() -> str | None:
     except Exception:  # not installed, or installed without its CUDA libraries
         return None
     return getattr(transformer_engine, "__version__", "unknown")
+
+
+def experts_label(megatron_layer) -> str:
+    """What a Megatron ``MoELayer``'s experts really are, for a timing row: ``SequentialMLP`` is a
+    Python loop of one dense MLP per expert; ``TEGroupedMLP`` is Transformer Engine's grouped GEMM;
+    ``GroupedMLP`` the legacy ``grouped_gemm`` package's."""
+    kind = type(megatron_layer.experts).__name__
+    te = transformer_engine_version()
+    return f"{kind}, " + (f"Transformer Engine {te}" if te else "no Transformer Engine")
 
 
 def _megatron_config(num_layers: int, aux_loss_coeff: float, hidden: int = HIDDEN, ffn: int = FFN,
@@ -156,7 +168,7 @@ def check_layer(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> di
     }
     map_agreement = float((ours_map_TN == routing_map_TN).all(dim=1).float().mean())
     tolerance, min_agreement = (3e-2, 0.99) if bf16 else (1e-4, 1.0)
-    return {"dtype": str(dtype), "megatron_experts": type(megatron.experts).__name__,
+    return {"dtype": str(dtype), "megatron_experts": experts_label(megatron),
             "routing_map_agreement": map_agreement, "gatepro_topk_changed": int(routing.gatepro_topk_changed),
             "relative_errors": errors,
             "passed": map_agreement >= min_agreement and max(errors.values()) < tolerance}

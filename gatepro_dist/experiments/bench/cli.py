@@ -6,7 +6,7 @@
     gatepro-bench extremes [...]                      memory with every token on one expert (bench/extremes.py)
     gatepro-bench checkpointing [...]                 memory and time with activation checkpointing (bench/checkpointing.py)
     gatepro-bench plan [...]                          gatepro-plan's bytes beside real ranks' (bench/plan.py)
-    gatepro-bench gpu [...]                           the GPU acceptance run: bf16 checks, training, timings (bench/gpu.py)
+    gatepro-bench gpu [...]                           the GPU acceptance run, one process per section, one budget (bench/gpu.py)
 
 Everything after the subcommand goes to that benchmark's own options (``gatepro-bench layer
 --help``); ``python -m gatepro_dist.experiments.bench.<subcommand>`` runs the same code.
@@ -24,7 +24,7 @@ COMMANDS = {
     "extremes": "peak memory of one layer when every token goes to one expert, dropless vs capacity",
     "checkpointing": "a training step's saved activations, peak memory and time: none vs moe vs block",
     "plan": "gatepro-plan's predicted held and peak bytes beside real gloo ranks', world 2 and 4",
-    "gpu": "GPU acceptance: bf16 checks and tests on CUDA, 30 bf16 training steps, layer TFLOP/s vs Megatron",
+    "gpu": "GPU acceptance in <= 540 s: versions, NCCL group, host syncs, bf16 vs fp32, resume, FSDP, timings",
 }
 
 

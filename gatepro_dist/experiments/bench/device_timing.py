@@ -6,7 +6,8 @@ so the loop itself never waits on the GPU. On a CPU every op has finished when i
 ``time.perf_counter`` is the clock (that is what the tests exercise).
 
 Steps are timed in interleaved rounds, the order rotating each round (as ``rounds.py`` does), so a
-clock change or a neighbour slows every variant alike.
+clock change or a neighbour slows every variant alike. ``step_peak_memory`` measures one call's peak
+memory on its own, outside the timed rounds.
 """
 from __future__ import annotations
 
@@ -65,3 +66,19 @@ def time_steps_ms(steps: dict[str, Callable[[], None]], repeats: int, warmup: in
 def summary(times_ms: list[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(times_ms), "p10_ms": percentile(times_ms, 0.1),
             "p90_ms": percentile(times_ms, 0.9)}
+
+
+def step_peak_memory(step: Callable[[], None], device: torch.device) -> dict[str, float] | None:
+    """One call of ``step`` on a CUDA device: the most memory allocated during it
+    (``torch.cuda.max_memory_allocated``, MiB) and how much of that the step itself added over what
+    was allocated before it (its activations, gradients and workspaces). None elsewhere: the CPU
+    allocator keeps no such statistics."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return {"peak_mib": peak / 2**20, "step_peak_mib": (peak - before) / 2**20}

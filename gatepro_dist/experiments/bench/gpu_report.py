@@ -1,19 +1,22 @@
-"""The GPU acceptance run's arithmetic and report: FLOPs, TFLOP/s rows, and the JSON + Markdown files.
+"""The GPU acceptance run's arithmetic and report: FLOPs, TFLOP/s rows, the verdict, and the JSON +
+Markdown files (rewritten after every section by ``gpu_run``).
 
-Pure functions of a results dict, so they are tested on the CPU (tests/test_gpu_bench.py).
+Pure functions of a report dict, so they are tested on the CPU (tests/test_gpu_bench.py). The report:
+``{"command", "budget_s", "elapsed_s", "sections": {name: {"status", "what", "timeout_s", ...}}}``.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-from .rounds import BenchConfig
-
-SECTIONS = ("tests", "layer_check", "train", "layer", "megatron_check")
+RAN = ("passed", "failed", "timeout")  # states of a section that ran (needs CUDA / skipped did not)
 
 
 def expert_gemm_flops(tokens: int, top_k: int, hidden: int, ffn: int) -> int:
     """The useful work of one MoE layer fwd+bwd: its routed SwiGLU experts' GEMMs (as ``layer.py``'s floor)."""
+    from .rounds import BenchConfig  # here, not at the top: the report (and the orchestrator) need no torch
+
     return BenchConfig(tokens=tokens, hidden=hidden, ffn=ffn, top_k=top_k).gemm_flops()
 
 
@@ -31,55 +34,106 @@ def timing_row(name: str, times: dict[str, float], flops: int, dense_median_ms: 
     return row
 
 
-def passed(results: dict) -> bool:
-    """Every section that ran passed; a section that could not run (e.g. Megatron not installed) does not count."""
-    ran = [results[s] for s in SECTIONS if s in results and not results[s].get("skipped")]
-    return bool(ran) and all(section.get("passed", False) for section in ran)
+def verdict(report: dict) -> str:
+    """PASSED: every section ran and passed (a ``skipped: <why>`` section, e.g. Megatron not installed,
+    does not count against it); FAILED: a section failed or timed out; INCOMPLETE: none failed, but
+    some did not run (budget, no CUDA, still pending) or nothing ran at all."""
+    states = [s["status"] for s in report.get("sections", {}).values()]
+    if any(state in ("failed", "timeout") for state in states):
+        return "FAILED"
+    ran = [state for state in states if state in RAN]
+    not_run = [s for s in states if s not in RAN and not (s.startswith("skipped") and s != "skipped: budget")]
+    return "PASSED" if ran and not not_run else "INCOMPLETE"
 
 
-def markdown(results: dict) -> str:
-    env = results.get("env", {})
-    lines = ["# GPU acceptance run", "",
-             f"{env.get('device', '?')}, torch {env.get('torch', '?')}, CUDA {env.get('cuda', '?')}, "
-             f"megatron-core {env.get('megatron_core') or 'not installed'}, "
-             f"Transformer Engine {env.get('transformer_engine') or 'not installed'}", "",
-             f"**{'PASSED' if passed(results) else 'FAILED'}**", ""]
-    for section in SECTIONS:
-        if section not in results:
+def _env_line(report: dict) -> str:
+    env = report.get("sections", {}).get("env", {})
+    if env.get("status") != "passed":
+        return "environment: not recorded (see the env section)"
+    cublas = env.get("cublas") or {}
+    parts = [env.get("device_name") or "no CUDA device", f"driver {env.get('driver') or '?'}",
+             f"torch {env.get('torch')}", f"CUDA {env.get('cuda') or '-'}", f"NCCL {env.get('nccl') or '-'}",
+             f"cuBLAS {cublas.get('version') or '-'}", f"cuDNN {env.get('cudnn') or '-'}",
+             f"megatron-core {env.get('megatron_core') or 'not installed'}"]
+    return ", ".join(parts)
+
+
+def _rows_table(rows: list[dict]) -> list[str]:
+    lines = ["| tokens | variant | median ms | p10-p90 ms | TFLOP/s | vs dense | step peak MiB |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row.get('tokens', '')} | {row['name']} | error: {row['error']} | | | | |")
             continue
-        body = results[section]
-        state = "skipped" if body.get("skipped") else ("passed" if body.get("passed") else "FAILED")
-        lines += [f"## {section}: {state}", ""]
-        if body.get("skipped"):
-            lines += [str(body["skipped"]), ""]
+        vs = f"{100 * row['fraction_of_dense']:.0f}%" if "fraction_of_dense" in row else "-"
+        peak = "-" if row.get("step_peak_mib") is None else f"{row['step_peak_mib']:.0f}"
+        lines.append(f"| {row.get('tokens', '')} | {row['name']} | {row['median_ms']:.3f} | "
+                     f"{row['p10_ms']:.3f}-{row['p90_ms']:.3f} | {row['tflops']:.1f} | {vs} | {peak} |")
+    return lines + [""]
+
+
+_ERROR_KEYS = ("output", "input_grad", "router_grad", "gate_up_grad", "down_grad", "aux_loss", "z_loss")
+
+
+def _errors_table(cases: dict) -> list[str]:
+    """The numerics section's relative errors: one row per case and bf16 mode."""
+    lines = ["| case | bf16 mode | " + " | ".join(_ERROR_KEYS) + " |", "| --- | --- |" + " ---: |" * len(_ERROR_KEYS)]
+    for case, body in cases.items():
+        for mode, errors in body.get("relative_errors", {}).items():
+            lines.append(f"| {case} | {mode} | " + " | ".join(f"{errors.get(k, float('nan')):.2e}" for k in _ERROR_KEYS) + " |")
+    return lines + [""]
+
+
+_SHOWN_APART = ("status", "what", "passed", "error", "rows", "log_tail", "traceback_tail", "output_tail")
+
+
+def markdown(report: dict) -> str:
+    sections = report.get("sections", {})
+    lines = ["# GPU acceptance run", "", _env_line(report), "",
+             f"**{verdict(report)}**: {report.get('elapsed_s', 0):.0f} s of a {report.get('budget_s', 0):.0f} s "
+             "budget. This file is rewritten after every section: a section cut at its timeout says `timeout`, "
+             "one not started for lack of time `skipped: budget`.", ""]
+    if report.get("command"):
+        lines += [f"`{report['command']}`", ""]
+    lines += ["| section | status | seconds | what it checks |", "| --- | --- | ---: | --- |"]
+    for name, body in sections.items():
+        seconds = body.get("elapsed_s")
+        lines.append(f"| {name} | {body['status']} | {'' if seconds is None else f'{seconds:.1f}'} | "
+                     f"{body.get('what', '')} |")
+    lines.append("")
+    for name, body in sections.items():
+        if body["status"] == "pending":
+            continue
+        lines += [f"## {name}: {body['status']}", ""]
         if body.get("error"):
             lines += ["```", str(body["error"]), "```", ""]
-        if section == "layer" and body.get("rows"):
-            cfg = body["config"]
-            lines += [f"tokens={cfg['tokens']} d={cfg['hidden']} ffn={cfg['ffn']} experts={cfg['experts']} "
-                      f"top-{cfg['top_k']} bf16; expert GEMM work {body['gflop']:.1f} GFLOP per fwd+bwd; "
-                      f"CUDA-event times over {cfg['repeats']} interleaved rounds", "",
-                      "| variant | median ms | p10-p90 ms | TFLOP/s | vs dense |", "| --- | ---: | ---: | ---: | ---: |"]
-            for row in body["rows"]:
-                vs = f"{100 * row['fraction_of_dense']:.0f}%" if "fraction_of_dense" in row else "-"
-                lines.append(f"| {row['name']} | {row['median_ms']:.3f} | {row['p10_ms']:.3f}-{row['p90_ms']:.3f} "
-                             f"| {row['tflops']:.1f} | {vs} |")
-            lines.append("")
+        if body.get("rows"):
+            lines += _rows_table(body["rows"])
+        cases = body.get("cases")
+        if isinstance(cases, dict) and any("relative_errors" in c for c in cases.values() if isinstance(c, dict)):
+            lines += _errors_table(cases)
         for key, value in body.items():
-            if key not in ("passed", "skipped", "error", "rows", "config", "output_tail"):
-                lines.append(f"- {key}: {json.dumps(value)}")
-        if body.get("output_tail"):
-            lines += ["", "```", body["output_tail"].rstrip(), "```"]
+            if key not in _SHOWN_APART:
+                lines.append(f"- {key}: {json.dumps(value, default=str)}")
+        for key in ("traceback_tail", "output_tail", "log_tail"):
+            if body.get(key):
+                lines += ["", f"{key}:", "```", str(body[key]).rstrip()[-3000:], "```"]
         lines.append("")
     return "\n".join(lines)
 
 
-def write_report(results: dict, out_dir: str | Path) -> tuple[Path, Path]:
-    """``gpu_report.json`` (the results, with the verdict) and ``gpu_report.md`` in ``out_dir``."""
+def _replace(path: Path, text: str) -> None:
+    scratch = path.with_name(path.name + ".tmp")
+    scratch.write_text(text)
+    os.replace(scratch, path)  # a reader (or a cut) never meets half a report
+
+
+def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
+    """``gpu_report.json`` (the report, with its verdict) and ``gpu_report.md`` in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results = {**results, "passed": passed(results)}
+    report = {**report, "verdict": verdict(report)}
     json_path, md_path = out / "gpu_report.json", out / "gpu_report.md"
-    json_path.write_text(json.dumps(results, indent=1) + "\n")
-    md_path.write_text(markdown(results))
+    _replace(json_path, json.dumps(report, indent=1, default=str) + "\n")
+    _replace(md_path, markdown(report))
     return json_path, md_path
