@@ -227,4 +227,7 @@ def _check_deepspeed(cfg: Config, world_size: int) -> None:
     """
     from .backends.deepspeed_config import deepspeed_config  # pure: no torch, no deepspeed
 
+    if cfg.train.backend == "deepspeed" and cfg.train.async_save:
+        raise _fail("train.async_save", True, "is not supported with train.backend=deepspeed (its engine writes "
+                    "its own checkpoints, blocking)", "set train.async_save=false or train.backend=native")
     deepspeed_config(cfg, world_size)
