@@ -12,7 +12,7 @@ import torch
 from ..cluster.preemption import NonFiniteStop, PreemptionWatch
 from ..config import Config
 from ..moe import comm
-from ..train.checkpoint import check_compatible, read_manifest, resolve_resume
+from ..train.checkpoint import check_compatible, prune_checkpoints, read_manifest, resolve_resume
 from ..train.optim import clip_gradients, global_grad_norm
 from ..train.parallel import ParallelGroups
 from ..train.step import (LogWindow, StepStats, TrainResult, begin_step, finish_step, micro_batch_loss, my_part,
@@ -57,9 +57,11 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     losses, val_loss = [], None
 
-    def save(step_done: int) -> None:
+    def save(step_done: int, wait: bool = True) -> None:  # DeepSpeed's own writer: always blocking
         save_deepspeed_checkpoint(engine, model, run_dir, step_done, groups,
                                   {"step": step_done, "sampler": sampler.state_dict()}, cfg_dict, cfg_hash)
+        if groups.is_main:
+            prune_checkpoints(run_dir, t.keep_last, protected=resume_from)
 
     window, timer = LogWindow(t.log_every), StepTimer(device)
     for step in range(start, t.steps):

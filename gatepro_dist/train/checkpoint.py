@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -310,9 +311,34 @@ def _newest_first(run_dir: str | Path) -> list[Path]:
     latest = latest_checkpoint(run_dir)
     if latest is None:
         return []
-    older = [p for p in latest.parent.glob("step_*") if p.suffix != ".partial" and (p / MANIFEST).is_file()
-             and p.name < latest.name]
+    older = [p for p in latest.parent.glob("step_*") if re.fullmatch(r"step_\d{8}", p.name)
+             and (p / MANIFEST).is_file() and p.name < latest.name]
     return [latest, *sorted(older, reverse=True)]
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int | None, protected: Path | None = None) -> list[Path]:
+    """``train.keep_last``: after a save, delete the complete checkpoints older than the newest
+    ``keep_last``; never ``latest`` (the newest, just checksummed) nor ``protected`` (the one this
+    run resumed from, until the run has moved past it). Rank 0 only. A checkpoint is first renamed
+    out of the ``step_XXXXXXXX`` namespace, then removed, so a kill in between leaves nothing that
+    ``resume=auto`` would try. Returns the deleted paths."""
+    if keep_last is None:
+        return []
+    ordered = _newest_first(run_dir)
+    spared = set(ordered[:max(keep_last, 1)])
+    if protected is not None:
+        spared.add(Path(protected))
+    deleted = []
+    for path in ordered:
+        if path in spared:
+            continue
+        doomed = path.with_name(path.name + ".pruned")
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        deleted.append(path)
+    for leftover in Path(run_dir, CHECKPOINTS).glob("step_*.pruned"):  # from a kill mid-prune
+        shutil.rmtree(leftover, ignore_errors=True)
+    return deleted
 
 
 def preflight_resume(run_dir: str | Path, resume: str, config: dict) -> None:

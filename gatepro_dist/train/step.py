@@ -109,7 +109,7 @@ def finish_step(window: LogWindow, done: int, lr: float, gatepro_on: bool, finit
     if stop or window.due(done, t.steps, finite):
         metrics.write(metrics_line(window, done, lr, gatepro_on, cfg, groups, device))
     if stop or done % t.save_every == 0 or done == t.steps:
-        save(done)
+        save(done, wait=bool(stop) or done == t.steps)  # an async save may run on unless the run ends here
     if stop:
         progress.close()
         metrics.close()

@@ -13,8 +13,9 @@ from ..cluster.preemption import NonFiniteStop, PreemptionWatch
 from ..config import Config
 from ..moe import comm
 from ..moe.layer import MoELayer
-from .checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, read_manifest, resolve_resume,
-                         save_checkpoint)
+from .checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, prune_checkpoints, read_manifest,
+                         resolve_resume, save_checkpoint)
+from .async_checkpoint import AsyncCheckpointer
 from .model import Transformer
 from .numerics import adamw
 from .optim import clip_gradients, global_grad_norm, gradient_sync, param_groups
@@ -76,9 +77,20 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
     losses, val_loss = [], None
     reducer = gradient_sync(model, groups)
 
-    def save(step_done: int) -> None:
-        save_checkpoint(run_dir, step_done, model, optimizer, groups,
-                        {"step": step_done, "sampler": sampler.state_dict()}, cfg_dict, cfg_hash)
+    saver = AsyncCheckpointer(groups) if t.async_save else None
+
+    def save(step_done: int, wait: bool = True) -> None:
+        """A checkpoint of ``step_done``; with ``train.async_save`` written in the background unless
+        ``wait`` (the run's last save, a preemption, a stop), the previous one published first."""
+        trainer_state = {"step": step_done, "sampler": sampler.state_dict()}
+        if saver is None:
+            save_checkpoint(run_dir, step_done, model, optimizer, groups, trainer_state, cfg_dict, cfg_hash)
+        else:
+            saver.save(run_dir, step_done, model, optimizer, trainer_state, cfg_dict, cfg_hash)
+            if wait:
+                saver.finish()
+        if groups.is_main:
+            prune_checkpoints(run_dir, t.keep_last, protected=resume_from)
 
     def forward(inputs_BS):
         with autocast(cfg, device):  # the cross-entropy runs outside it, in fp32
@@ -145,6 +157,8 @@ def train(cfg: Config, groups: ParallelGroups, device=torch.device("cpu"), data=
         val_loss = finish_step(window, done, lr, gatepro_on, finite, cfg, groups, device, model, data, metrics,
                                progress, preemption, save, run_dir, val_loss)
 
+    if saver is not None:
+        saver.close()
     progress.close()
     metrics.close()
     return TrainResult(t.steps, losses, val_loss, run_dir)
