@@ -165,3 +165,64 @@ def test_latest_is_never_pruned(tmp_path):
     run_training(1, tmp_path / "run", "train.steps=3", "train.save_every=1", "train.keep_last=1")
     assert latest_checkpoint(tmp_path / "run").name == "step_00000003"
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["latest", "step_00000003"]
+
+
+KILL_BEFORE_PUBLISHING_STEP_4 = """
+import os, signal, sys
+from gatepro_dist.train import async_checkpoint
+real_finish = async_checkpoint.AsyncCheckpointer.finish
+def finish_or_die(self):
+    if self.in_flight is not None and self.in_flight.final.name == "step_00000004":
+        os.kill(os.getpid(), signal.SIGKILL)  # step 4's save was in flight while steps 5 and 6 ran
+    return real_finish(self)
+async_checkpoint.AsyncCheckpointer.finish = finish_or_die
+from gatepro_dist.cli.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_async_save_runs_behind_training_and_a_kill_keeps_the_previous_checkpoint(tmp_path):
+    """train.async_save: the step-4 checkpoint is still unpublished when steps 5 and 6 have run
+    (their metrics lines are written); SIGKILL then leaves step 4 as a ``.partial`` directory,
+    ``latest`` at step 2, and a resume continues bit for bit as an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from test_trainer import TINY
+
+    run_dir = tmp_path / "run"
+    args = [*TINY, f"train.run_dir={run_dir}", "train.steps=8", "train.save_every=2", "train.async_save=true"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-c", KILL_BEFORE_PUBLISHING_STEP_4, *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert [line["step"] for line in lines(run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert latest_checkpoint(run_dir).name == "step_00000002"
+    assert (run_dir / "checkpoints" / "step_00000004.partial").is_dir()
+    assert not (run_dir / "checkpoints" / "step_00000004").exists()
+
+    resumed = run_training(1, run_dir, "train.steps=8", "train.save_every=2", "train.async_save=true",
+                           "train.resume=auto")
+    uninterrupted = run_training(1, tmp_path / "uninterrupted", "train.steps=8", "train.save_every=2")
+    assert resumed == uninterrupted[2:]
+    assert latest_checkpoint(run_dir).name == "step_00000008"
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*") if p.suffix != ".partial") == [
+        "step_00000002", "step_00000004", "step_00000006", "step_00000008"]
+
+
+def test_async_save_at_ep2_resumes_as_a_blocking_save_does(tmp_path):
+    """Two ranks: the writer thread plans the save over its own gloo group while training goes on."""
+    steps = ["train.steps=4", "train.save_every=2", "parallel.ep=2"]
+    run_training(2, tmp_path / "async", *steps, "train.async_save=true")
+    run_training(2, tmp_path / "blocking", *steps)
+    for name in ("step_00000002", "step_00000004"):
+        assert (tmp_path / "async" / "checkpoints" / name / "manifest.json").is_file()
+    resumed = run_training(1, tmp_path / "async", "train.steps=6", "train.save_every=2",
+                           f"train.resume={tmp_path / 'async' / 'checkpoints' / 'step_00000004'}",
+                           "train.allow_schedule_change=true")
+    again = run_training(1, tmp_path / "blocking", "train.steps=6", "train.save_every=2",
+                         f"train.resume={tmp_path / 'blocking' / 'checkpoints' / 'step_00000004'}",
+                         "train.allow_schedule_change=true")
+    assert resumed == again
