@@ -133,7 +133,10 @@ class MetricsWriter:
     JSON log is written as usual.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, enabled: bool, tensorboard: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool, tensorboard: bool = True,
+                 wandb: str | None = None, wandb_project: str = "gatepro_dist", config: dict | None = None):
+        if wandb is not None:
+            raise NotImplementedError("metrics.wandb is not supported yet; set metrics.wandb=null")
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS_FILE
         self.enabled = enabled

@@ -19,6 +19,7 @@ from ..config import Config, config_hash
 from ..moe import comm
 from ..moe.routing import gate_similarity_stats
 from .checkpoint import latest_checkpoint
+from .compile import compile_blocks
 from .data import GlobalBatchSampler, build_data
 from .metrics import MetricsWriter, ProgressBar
 from .model import Transformer
@@ -190,6 +191,8 @@ def set_up_run(cfg: Config, groups: ParallelGroups, device, data=None) -> RunSet
     if cfg.parallel.dp_shard != groups.dp_shard:
         raise ValueError(f"parallel.dp_shard={cfg.parallel.dp_shard} but the groups were built with "
                          f"dp_shard={groups.dp_shard}; pass cfg.parallel.dp_shard to build_parallel_groups")
+    if t.compile:
+        compile_blocks(model)  # before FSDP wraps the blocks, as torchtitan does
     if groups.dp_shard:
         shard_model(model, cfg, groups)
     return RunSetup(Path(t.run_dir), data, sampler, model, cfg.to_dict(), config_hash(cfg))
@@ -202,7 +205,8 @@ def open_run_outputs(cfg: Config, groups: ParallelGroups, run_dir: Path, start: 
     if groups.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    metrics = MetricsWriter(run_dir, enabled=groups.is_main)
+    metrics = MetricsWriter(run_dir, enabled=groups.is_main, wandb=cfg.metrics.wandb,
+                            wandb_project=cfg.metrics.wandb_project, config=cfg.to_dict())
     if groups.is_main:
         metrics.truncate_after(start + 1)
     return metrics, ProgressBar(cfg.train.steps, enabled=groups.is_main and cfg.train.progress)
