@@ -13,6 +13,15 @@ only these, replace what cannot exist on this machine:
   split sizes, the step's one batched read) return zeros instead of the device-to-host copy a GPU
   would make. Without it the test could not run past the first read; with it, what runs after a
   read is checked too.
+
+What this file does not reach: its MoE layer runs at ep=1 and its split sizes read as zeros, so
+no expert computes a row, and the stand-in group runs no ep > 1 all-to-all, no FSDP2 and no
+optimizer. Those are checked for placement in ``tests/test_fake_accelerator.py``: the whole
+training step (``trainer.train``) on a fake accelerator that runs autograd, at ep 1, 2 and 4, with
+and without ``parallel.dp_shard``, in fp32 and bf16, dropless and with a capacity, with split sizes
+that give every expert rows; and the optimizer state a resume materialises. The tests here stay:
+they name the three crashes of the issue, and check the DeepSpeed finiteness check and the
+router's gather/reduce-scatter pair against a group that refuses other devices.
 """
 from __future__ import annotations
 

@@ -209,3 +209,15 @@ def test_dp_shard_bf16_gathers_bf16_weights_and_keeps_fp32_master_weights(tmp_pa
 
     relative = [abs(a - b) / b for a, b in zip(result["losses"], fp32)]
     assert max(relative) < 2.0 ** -9, relative
+
+
+def test_a_dp_shard_checkpoint_saved_after_evaluation_resumes(tmp_path):
+    """The last step evaluates, then saves. FSDP2 leaves the root (embedding, final norm) unsharded
+    after a forward without backward; the checkpoint must still hold the root's AdamW state (it
+    lacked it before ``_state`` called ``state_dict()`` first: resuming failed with a missing
+    ``optim.embed.weight.exp_avg``), and the resumed run continues the uninterrupted one."""
+    common = ["parallel.ep=2", FSDP, "train.save_every=1000", "train.lr_schedule=constant"]
+    run_training(2, tmp_path / "run", "train.steps=2", *common)  # evaluates at step 2, then saves
+    resumed = run_training(2, tmp_path / "run", "train.steps=3", *common, "train.resume=auto")
+    uninterrupted = run_training(2, tmp_path / "straight", "train.steps=3", *common)
+    assert_close_lists(resumed, uninterrupted[2:], rel=1e-6)

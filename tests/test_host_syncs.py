@@ -8,7 +8,13 @@ Per training step: one read, plus at ep > 1 the layers' split sizes, whatever th
 parameters. Before this work one layer forward made 11 reads at ep=1 and 13 at ep 2/4 dropless
 (13 / 15 with a capacity), counting bincount, and a step with 2 micro-batches made 73 (2 layers)
 and 137 (4 layers) at ep=1, 81 and 153 at ep=2 -- besides one ``.cpu()`` per parameter in the
-gradient norm, which this CPU counter cannot see.
+gradient norm, which a CPU-only run cannot see.
+
+Copies between the host and a device are syncs too (``to_host``, and blocking copies to the device
+as ``h2d_blocking``): counted where a second device exists, the fake accelerator of
+``tests/fake_accelerator.py`` (the tests at the end; a CPU-to-CPU copy is never counted, so the
+counts above hold). The whole training step on that device, with every read named and counted, is
+``tests/test_fake_accelerator.py``.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import torch.distributed as dist
 
 from distributed import run_on_ranks
 from gatepro_dist.moe.layer import MoELayer, MoESpec
+from fake_accelerator import FakeReads, answer_zeros, fake_device, fake_tensors, install  # noqa: F401  (a fixture)
 from host_syncs import count_host_syncs, not_counted
 
 CASES = {
@@ -118,3 +125,85 @@ def test_under_dp_shard_a_step_reads_the_host_as_often_as_replicated(tmp_path):
     once per MoE layer forward (2 micro-batches)."""
     runs = {steps: run_on_ranks(2, _training_worker, str(tmp_path / f"{steps}"), 2, steps, True) for steps in (2, 3)}
     assert [a - b for a, b in zip(runs[3], runs[2])] == [1 + 2 * 2] * 2
+
+
+# ---- copies between the host and a device ----------------------------------------------------------
+# They need a device that is not the CPU: the fake accelerator (tests/fake_accelerator.py).
+
+def _on_device_reads():
+    # Reads made by this module (the lambdas below) are answered with zeros.
+    return FakeReads({"<lambda>": answer_zeros}, packages=(__name__,))
+
+
+@pytest.mark.parametrize("copy", [
+    lambda t: t.cpu(),
+    lambda t: t.to("cpu"),
+    lambda t: t.to(torch.device("cpu"), torch.float64),
+    lambda t: t.numpy(force=True),
+    lambda t: torch.empty(3, dtype=t.dtype).copy_(t),
+], ids=["cpu", "to-cpu", "to-cpu-float64", "numpy-force", "copy-into-host"])
+def test_a_copy_to_the_host_counts_as_a_sync(fake_device, copy):
+    device_tensor = torch.ones(3, device=fake_device)
+    with _on_device_reads(), count_host_syncs() as counts:
+        copy(device_tensor)
+    assert counts == {"to_host": 1}
+
+
+@pytest.mark.parametrize("copy,blocking", [
+    (lambda h, d: h.to(d), True),
+    (lambda h, d: torch.empty(3, device=d).copy_(h), True),
+    (lambda h, d: h.to(d, non_blocking=True), False),
+    (lambda h, d: torch.empty(3, device=d).copy_(h, non_blocking=True), False),
+], ids=["to", "copy-into-device", "to-non-blocking", "copy-non-blocking"])
+def test_a_blocking_copy_to_the_device_is_counted_apart(fake_device, copy, blocking):
+    host_tensor = torch.ones(3)
+    with count_host_syncs() as counts:
+        copy(host_tensor, fake_device)
+    assert counts == ({"h2d_blocking": 1} if blocking else {})
+
+
+def test_copies_from_host_to_host_are_not_syncs():
+    """The CPU-only runs above count none of these: a CPU run moves nothing between devices."""
+    t = torch.ones(3)
+    with count_host_syncs() as counts:
+        t.cpu(), t.to("cpu"), t.to(torch.float64), t.numpy(), torch.empty(3).copy_(t), t.clone()
+    assert counts == {}
+
+
+def _read(vector: torch.Tensor, scalar: torch.Tensor):
+    return vector.tolist(), scalar.item()
+
+
+def test_with_a_device_the_host_memorys_own_reads_are_not_syncs():
+    """``cpu_is_device=False``: reading a CPU tensor is host memory (AdamW's step counter, a gloo
+    exchange); reading a device tensor is a sync, one per ``tolist`` however long the list."""
+    host, host_scalar = torch.arange(4), torch.tensor(6)  # real CPU tensors, made before the fake device is on
+    with fake_tensors(), FakeReads({"_read": answer_zeros}, packages=(__name__,)) as reads:
+        device = install()
+        with count_host_syncs(cpu_is_device=False) as counts:
+            host_values = _read(host, host_scalar)
+            _read(torch.ones(4, device=device), torch.ones((), device=device))
+    assert host_values == ([0, 1, 2, 3], 6)  # read as they are
+    assert counts == {"tolist": 1, "item": 1}
+    assert [(r.kind, r.device) for r in reads.log] == [("tolist", "fgpu"), ("item", "fgpu")]
+    with count_host_syncs() as on_this_machine:  # the CPU plays the device: every read counts
+        _read(host, host_scalar)
+    assert on_this_machine == {"tolist": 1, "item": 1}
+
+
+def test_the_counter_finds_a_copy_per_parameter_in_a_gradient_norm(fake_device):
+    """The gradient norm once moved each parameter's norm to the host (a sync per parameter,
+    invisible on this machine without a second device); today's reads nothing."""
+    from gatepro_dist.train.optim import global_grad_norm
+    from gatepro_dist.train.parallel import single_process_groups
+
+    with torch.device(fake_device):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with count_host_syncs() as old_way:
+        torch.stack([p.grad.norm().cpu() for p in model.parameters()]).norm()
+    with count_host_syncs() as today:
+        norm = global_grad_norm(model, single_process_groups())
+    assert old_way == {"to_host": 4}
+    assert today == {} and norm.device.type == fake_device.type

@@ -80,9 +80,12 @@ def _global_view(tensor: torch.Tensor, expert: bool, groups: ParallelGroups):
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer, groups: ParallelGroups,
            materialize: bool) -> dict:
     """Model and optimizer state keyed by parameter name (the keys are layout independent)."""
+    # state_dict() first: its FSDP pre-hook reshards the root, which FSDP2 leaves unsharded after a
+    # forward without backward (evaluation); only then are the parameters the optimizer's.
+    model_state = model.state_dict()
     params = dict(model.named_parameters())
     state: dict = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in model_state.items():
         expert = name in params and is_expert_parallel(params[name])
         state[f"model.{name}"] = _global_view(tensor, expert, groups)
     group_of = {id(q): group for group in optimizer.param_groups for q in group["params"]} if optimizer else {}
