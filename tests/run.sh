@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 GATEPRO_WITH="${GATEPRO_WITH:-deepspeed megatron hf}" \
 GATEPRO_EXTRAS="${GATEPRO_EXTRAS:+$GATEPRO_EXTRAS,}mpi,tensorboard" GATEPRO_SYSTEM_PACKAGES="${GATEPRO_SYSTEM_PACKAGES:-slurm podman}" \
     bash launch/install.sh || exit 1
-${PYTHON:-python3} -m pytest -q -p no:cacheprovider "$@"
+${PYTHON:-python3} -m pytest -q -p no:cacheprovider --durations=30 "$@"
 code=$?
 if [ "$code" -eq 5 ]; then echo "pytest collected no tests: failing on purpose" >&2; exit 1; fi
 exit "$code"

@@ -2,16 +2,50 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from distributed import run_on_ranks
+from gatepro_dist.experiments.bench import comm as comm_bench
 from gatepro_dist.experiments.bench.comm import measure
-from gatepro_dist.moe.comm_model import BF16, LayerComm
+from gatepro_dist.moe.comm_model import BF16, FP32, LayerComm
+from gatepro_dist.moe.router import GateProRouter
+
+EXPERTS, HIDDEN, TOP_K, TOKENS = 8, 16, 2, 64
+
+
+def _measure_and_record_choices(rank: int, world: int, args: dict) -> dict:
+    """The comm benchmark's measurement, plus the experts the router chose for this rank's tokens
+    (a global forward hook: the benchmark builds its layer itself)."""
+    chosen = []
+
+    def record(module, inputs, routing):
+        if isinstance(module, GateProRouter):
+            chosen.append(routing.experts_TK.detach().clone())
+
+    with torch.nn.modules.module.register_module_forward_hook(record):
+        result = comm_bench._measure(rank, world, args)
+    (experts_TK,) = chosen
+    return {**result, "experts_TK": experts_TK}
 
 
 @pytest.mark.parametrize("ep", [2, 4])
 def test_predicted_bytes_equal_counted_bytes(ep):
-    for r in measure(ep, experts=8, hidden=16, top_k=2, tokens=64, ffn=8):
-        assert r["counted"] == r["exact"]
-        assert r["counted"]["token_all_to_all"] > 0
+    args = dict(experts=EXPERTS, hidden=HIDDEN, top_k=TOP_K, tokens=TOKENS, ffn=8, dtype="fp32")
+    results = run_on_ranks(ep, _measure_and_record_choices, args)
+    # rows_SD[s, d]: (token, expert) choices of rank s whose expert lives on rank d (experts in
+    # consecutive blocks of EXPERTS // ep), counted from the router's choices alone.
+    rows_SD = torch.stack([
+        torch.bincount(r["experts_TK"].reshape(-1) // (EXPERTS // ep), minlength=ep) for r in results])
+    assert rows_SD.sum() == ep * TOKENS * TOP_K
+    for rank, r in enumerate(results):
+        sent = int(rows_SD[rank].sum() - rows_SD[rank, rank])  # to the other ranks' experts
+        received = int(rows_SD[:, rank].sum() - rows_SD[rank, rank])  # from the other ranks' tokens
+        assert sent > 0 and received > 0
+        # dispatch and combine, forward and backward: each crossing row goes out and comes back
+        # twice, HIDDEN fp32 values each
+        assert r["counted"]["token_all_to_all"] == 2 * (sent + received) * HIDDEN * FP32, rank
+        model = LayerComm(EXPERTS, HIDDEN, TOP_K, ep, TOKENS)
+        assert r["counted"] == model.bytes_by_kind(sent, received) == r["exact"], rank
 
 
 def test_uniform_prediction_is_the_expected_remote_share():

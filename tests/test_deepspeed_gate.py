@@ -36,11 +36,15 @@ def _call(gate, x, sparse_routes):
 
 def _selection(gate, x, sparse_routes):
     """(expert ids [T, K], weights [T, K]) in descending weight order, from either return form."""
+    return _selection_of(_call(gate, x, sparse_routes), gate.k, sparse_routes)
+
+
+def _selection_of(out, k, sparse_routes):
     if sparse_routes:
-        _, _, _, experts_KT, _, weights_KT, _ = gate(x, None, True)
+        _, _, _, experts_KT, _, weights_KT, _ = out
         return experts_KT.long().t(), weights_KT.t()
-    _, combine_TEC, _, _ = gate(x, None)
-    weights_TK, experts_TK = combine_TEC.sum(dim=2).topk(gate.k, dim=1)
+    _, combine_TEC, _, _ = out
+    weights_TK, experts_TK = combine_TEC.sum(dim=2).topk(k, dim=1)
     return experts_TK, weights_TK
 
 
@@ -145,6 +149,15 @@ def _train_ep2(rank, world, steps):
 
     net = Net()
     gate = use_gatepro(net.moe, penalty=1e-2)
+    seen = []  # per forward: the tokens the gate saw, the wg it used, and its (experts, weights)
+
+    def record(module, inputs, out):
+        if module.training:
+            sparse = len(out) == 7
+            seen.append((inputs[0].detach().clone(), module.wg.weight.detach().clone(),
+                         *_selection_of(out, module.k, sparse)))
+
+    gate.register_forward_hook(record)
     config = {"train_micro_batch_size_per_gpu": 64, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": 1}, "steps_per_print": 10**9,
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
@@ -161,7 +174,8 @@ def _train_ep2(rank, world, steps):
         losses.append(float(loss))
     return {"losses": losses, "gate": type(engine.module.moe.deepspeed_moe.gate).__name__,
             "ep_group_size": torch.distributed.get_world_size(gate.ep_group),
-            "rivals": most_similar_expert(gate.wg.weight).tolist(), "wg": gate.wg.weight.detach().clone()}
+            "rivals": most_similar_expert(gate.wg.weight).tolist(), "wg": gate.wg.weight.detach().clone(),
+            "seen": seen}
 
 
 def test_ep2_deepspeed_moe_trains_with_the_gatepro_gate():
@@ -171,3 +185,17 @@ def test_ep2_deepspeed_moe_trains_with_the_gatepro_gate():
         assert r["losses"][-1] < 0.7 * r["losses"][0], r["losses"]
     # wg is replicated and reduced over the world: every EP rank makes the same GatePro pairs.
     assert torch.equal(results[0]["wg"], results[1]["wg"]) and results[0]["rivals"] == results[1]["rivals"]
+    # At every step, on every rank, the gate inside the EP=2 engine picked the experts our router
+    # picks for the same tokens with the same weights, and mixed them with the same weights.
+    changed = 0
+    for r in results:
+        assert len(r["seen"]) == 8
+        for x_TD, wg_ND, experts_TK, weights_TK in r["seen"]:
+            router = GateProRouter(D, 4, 2, penalty=1e-2, normalize_topk=True)
+            with torch.no_grad():
+                router.weight.copy_(wg_ND)
+                ours = router(x_TD)
+            assert torch.equal(experts_TK, ours.experts_TK)
+            torch.testing.assert_close(weights_TK, ours.weights_TK, rtol=1e-6, atol=1e-7)
+            changed += int(ours.gatepro_topk_changed)
+    assert changed > 0  # the penalty changed some top-2 sets: GatePro decided, not plain top-k

@@ -3,6 +3,8 @@ with no tokens and an expert that nobody picks, every (token, slot) reaches the 
 expert exactly once, is computed by that expert, and comes back exactly once to its own token."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,7 +13,15 @@ from distributed import run_on_ranks
 from gatepro_dist.moe.dispatch import combine, dispatch, plan_dispatch
 
 NUM_EXPERTS, TOP_K = 8, 2
-TOKENS_PER_RANK = {2: [9, 0], 4: [6, 0, 11, 1]}
+# Tokens of each EP rank, per layout. "both_ranks_send": every rank sends rows to every rank, so a
+# receiver holds several (source rank, local expert) blocks and must regroup them by local expert
+# (a missing transpose in that regrouping hands rows to the wrong experts). "empty_rank": rank 1
+# has no tokens, so every received row comes from rank 0 and the regrouping is the identity.
+LAYOUTS = {
+    "ep2_both_ranks_send": (2, [9, 5]),
+    "ep2_empty_rank": (2, [9, 0]),
+    "ep4_uneven": (4, [6, 0, 11, 1]),
+}
 UNUSED_EXPERT = NUM_EXPERTS - 1  # never chosen: its rank receives nothing for it
 
 
@@ -24,9 +34,7 @@ def routing(rank: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     return experts_TK, weights_TK
 
 
-def _worker(rank: int, world: int) -> dict:
-    group = dist.new_group(list(range(world)))
-    num_tokens = TOKENS_PER_RANK[world][rank]
+def _round_trip(rank: int, world: int, group, num_tokens: int) -> dict:
     experts_TK, weights_TK = routing(rank, num_tokens)
     # A token's row names it: (source rank, token index); D = 2 + one column per expert.
     x_TD = torch.zeros(num_tokens, 2 + NUM_EXPERTS)
@@ -48,23 +56,35 @@ def _worker(rank: int, world: int) -> dict:
                 total_tokens=plan.total_tokens, tokens_per_local_expert=plan.tokens_per_local_expert)
 
 
-@pytest.mark.parametrize("ep", [2, 4])
-def test_every_token_slot_is_sent_once_and_returned_once(ep):
-    results = run_on_ranks(ep, _worker)
-    sent = sorted((rank, t, int(e)) for rank, n in enumerate(TOKENS_PER_RANK[ep])
+def _worker(rank: int, world: int, layout_names: list[str]) -> dict:
+    """Every layout of this world size on one group: one spawn per world size, not per layout."""
+    group = dist.new_group(list(range(world)))
+    return {name: _round_trip(rank, world, group, LAYOUTS[name][1][rank]) for name in layout_names}
+
+
+@functools.cache
+def _results(ep: int) -> list[dict]:
+    return run_on_ranks(ep, _worker, [name for name, (world, _) in LAYOUTS.items() if world == ep])
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_token_slot_is_sent_once_and_returned_once(layout):
+    ep, tokens_per_rank = LAYOUTS[layout]
+    results = [r[layout] for r in _results(ep)]
+    sent = sorted((rank, t, int(e)) for rank, n in enumerate(tokens_per_rank)
                   for t, row in enumerate(routing(rank, n)[0]) for e in row)
     received = sorted(triple for r in results for triple in r["received"])
     assert received == sent  # each assignment arrives once, at its expert's rank, for that expert
-    assert len(sent) == TOP_K * sum(TOKENS_PER_RANK[ep])
+    assert len(sent) == TOP_K * sum(tokens_per_rank)
 
     counts_N = torch.bincount(torch.tensor([e for _, _, e in sent]), minlength=NUM_EXPERTS)
     assert counts_N[UNUSED_EXPERT] == 0
     for rank, r in enumerate(results):
-        assert torch.equal(r["tokens_per_expert"], counts_N) and r["total_tokens"] == sum(TOKENS_PER_RANK[ep])
+        assert torch.equal(r["tokens_per_expert"], counts_N) and r["total_tokens"] == sum(tokens_per_rank)
         num_local = NUM_EXPERTS // ep
         assert torch.equal(r["tokens_per_local_expert"], counts_N[rank * num_local:(rank + 1) * num_local])
 
-        num_tokens = TOKENS_PER_RANK[ep][rank]
+        num_tokens = tokens_per_rank[rank]
         experts_TK, weights_TK = routing(rank, num_tokens)
         expected = torch.zeros(num_tokens, 2 + NUM_EXPERTS)
         expected[:, 0] = rank * weights_TK.sum(1)
@@ -72,3 +92,14 @@ def test_every_token_slot_is_sent_once_and_returned_once(ep):
         expected[:, 2:] = torch.zeros(num_tokens, NUM_EXPERTS).scatter(1, experts_TK, weights_TK)
         assert r["out"].shape == (num_tokens, 2 + NUM_EXPERTS)
         assert torch.equal(r["out"], expected), rank  # returned once, to its own token
+
+
+def test_both_ranks_send_case_makes_every_rank_receive_from_every_rank():
+    """The layout that guards the regrouping really has rows crossing both ways for several experts."""
+    ep, tokens_per_rank = LAYOUTS["ep2_both_ranks_send"]
+    num_local = NUM_EXPERTS // ep
+    for source, n in enumerate(tokens_per_rank):
+        experts = routing(source, n)[0].reshape(-1)
+        for dest in range(ep):
+            mine = experts[(experts // num_local) == dest]
+            assert mine.unique().numel() >= 2, (source, dest)  # >= 2 local experts: order matters

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from gatepro_dist.train.metrics import MetricsWriter, ProgressBar, flatten_scalars, read_metrics
+from plots import assert_curve, assert_drawn, capture_figures
 from gatepro_dist.train.report import (
     EXPERT_LOAD_PNG,
     LOSS_PNG,
@@ -23,7 +24,6 @@ from gatepro_dist.train.report import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NUM_EXPERTS = 8
 TOKENS_PER_STEP = 64  # routed assignments per layer per step (tokens x top-k)
 
@@ -72,9 +72,8 @@ def write_jsonl(run_dir: Path, records) -> Path:
 
 
 def assert_valid_png(path: Path):
-    assert path.is_file(), f"{path} was not written"
-    data = path.read_bytes()
-    assert len(data) > 1000 and data[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    assert_drawn(path)
+    assert path.stat().st_size > 1000, f"{path} is too small to hold a plot"
 
 
 # ----------------------------------------------------------------------------------- MetricsWriter
@@ -236,9 +235,11 @@ def test_disabled_progress_bar_is_silent():
 # ------------------------------------------------------------------------------------------ report
 
 
-def test_report_writes_valid_pngs_and_links_each_one(tmp_path):
-    write_jsonl(tmp_path, synthetic_records())
+def test_report_writes_valid_pngs_and_links_each_one(tmp_path, monkeypatch):
+    records = synthetic_records()
+    write_jsonl(tmp_path, records)
     (tmp_path / "config.yaml").write_text("model:\n  num_experts: 8\n")
+    figures = capture_figures(monkeypatch)
     report = write_report(tmp_path)
     assert report == tmp_path / "report.md"
     text = report.read_text()
@@ -246,6 +247,23 @@ def test_report_writes_valid_pngs_and_links_each_one(tmp_path):
         assert_valid_png(tmp_path / png)
         assert f"]({png})" in text  # relative link, so the run dir can be moved or zipped
     assert "num_experts: 8" in text  # the config is shown
+
+    # The numbers behind each plot are the records'.
+    steps = [r["step"] for r in records]
+    (ax,) = figures[LOSS_PNG].axes
+    assert_curve(ax, "training loss", steps, [r["loss"] for r in records])
+    assert_curve(ax, "validation loss", [10, 20, 30, 40], [r["val_loss"] for r in records if "val_loss" in r])
+    (ax,) = figures[ZERO_TOKEN_PNG].axes
+    (ax_sim,) = figures[SIMILARITY_PNG].axes
+    for layer in (0, 1):
+        assert_curve(ax, f"layer {layer}", steps, [r["moe"][layer]["zero_token_experts"] for r in records])
+        assert_curve(ax_sim, f"layer {layer}", steps[4::5],
+                     [r["moe"][layer]["similarity"]["mean_cos"] for r in records[4::5]])
+    heatmap, _colorbar = figures[EXPERT_LOAD_PNG].axes
+    # 40 records: the last 4 (10%), each step's counts over its 64 assignments, averaged.
+    expected_LE = np.array([np.mean([np.array(r["moe"][layer]["tokens_per_expert"]) / TOKENS_PER_STEP
+                                     for r in records[-4:]], axis=0) for layer in (0, 1)])
+    np.testing.assert_allclose(np.asarray(heatmap.get_images()[0].get_array()), expected_LE, rtol=1e-12)
 
 
 def test_report_summary_holds_the_run_numbers(tmp_path):

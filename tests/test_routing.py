@@ -158,6 +158,31 @@ def test_balance_loss_is_one_when_perfectly_uniform():
     assert load_balancing_loss(logits, counts, 16, 2).item() == pytest.approx(1.0)
 
 
+def test_balance_loss_of_an_uneven_batch_by_hand():
+    """N = 4 experts, top-2, this rank's 2 tokens out of 4 in the EP group, an unused expert.
+
+    Probabilities: the logits are logs, so softmax is the numbers over their sum (8):
+        token 0: ln[1, 2, 4, 1] -> p = [1, 2, 4, 1] / 8
+        token 1: ln[4, 1, 2, 1] -> p = [4, 1, 2, 1] / 8
+        P (mean over this rank's tokens) = [5, 3, 6, 2] / 16
+    Fractions over the EP group's 4 * 2 = 8 assignments, counts [3, 0, 4, 1]:
+        f = [3, 0, 4, 1] / 8
+    Loss = N * sum_i f_i P_i = 4 * (3*5 + 0*3 + 4*6 + 1*2) / (8*16) = 4 * 41/128 = 41/32.
+    Gradient (f is a constant): dL/dlogit[t, j] = N/T * p_tj * (f_j - sum_i f_i p_ti), N/T = 2:
+        token 0: sum_i f_i p_0i = (3*1 + 0*2 + 4*4 + 1*1) / 64 = 20/64; f - 20/64 = [4, -20, 12, -12] / 64
+                 -> 2 * [1, 2, 4, 1]/8 * [4, -20, 12, -12]/64 = [8, -80, 96, -24] / 512
+        token 1: sum_i f_i p_1i = (3*4 + 0*1 + 4*2 + 1*1) / 64 = 21/64; f - 21/64 = [3, -21, 11, -13] / 64
+                 -> 2 * [4, 1, 2, 1]/8 * [3, -21, 11, -13]/64 = [24, -42, 44, -26] / 512
+    """
+    logits = torch.tensor([[1.0, 2.0, 4.0, 1.0], [4.0, 1.0, 2.0, 1.0]]).log().requires_grad_()
+    counts = torch.tensor([3, 0, 4, 1])
+    loss = load_balancing_loss(logits, counts, 4, 2)
+    assert loss.item() == pytest.approx(41 / 32, rel=1e-6)
+    loss.backward()
+    expected_grad = torch.tensor([[8.0, -80.0, 96.0, -24.0], [24.0, -42.0, 44.0, -26.0]]) / 512
+    torch.testing.assert_close(logits.grad, expected_grad, rtol=1e-5, atol=1e-7)
+
+
 def test_similarity_stats_of_orthogonal_rows():
     stats = gate_similarity_stats(torch.eye(4))
     assert stats["mean_cos"] == pytest.approx(0.0)

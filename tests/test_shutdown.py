@@ -66,10 +66,15 @@ def test_no_gloo_thread_outlives_a_training_run(tmp_path, ep):
 def test_deepspeed_run_leaves_at_once_while_deepspeed_holds_a_group(tmp_path):
     """DeepSpeed keeps one group alive from C++ after ``engine.destroy()`` and its own
     ``destroy_process_group`` (DeepSpeed 0.19, torch 2.13): a rank that finalised with its gloo
-    threads alive could abort, so it leaves at once. Whichever way, the threads decide."""
+    threads alive could abort, so it leaves at once. Both ranks, every run: their gloo threads
+    are alive after ``main()`` and neither goes through the interpreter's finalisation."""
     pytest.importorskip("deepspeed")
     probes, finalised, out = _run_probe(tmp_path, "parallel.ep=2", "train.backend=deepspeed")
-    assert finalised == sum(p["gloo_threads"] == [] for p in probes), out
+    assert all(p["gloo_threads"] for p in probes), (
+        "DeepSpeed no longer holds a gloo group after the run (or live_gloo_threads stopped seeing "
+        "gloo's threads): this test no longer exercises the leave-at-once path; check which, then "
+        f"update exit_process's docstring and this test\n{out}")
+    assert finalised == 0, out  # both left at once (os._exit): no atexit handler ran
 
 
 def test_live_gloo_threads_sees_a_live_group():

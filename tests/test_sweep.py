@@ -11,6 +11,8 @@ import pytest
 from gatepro_dist.config import ConfigError
 from gatepro_dist.experiments.sweep import load_sweep
 from gatepro_dist.experiments.sweep_report import BASE_COLUMNS, RESULT_COLUMNS, SEED_STATS, aggregate, summarize_run
+from gatepro_dist.train.metrics import read_metrics
+from plots import assert_curve, assert_drawn, band_range, capture_figures, curves
 from test_trainer import TINY
 
 
@@ -23,7 +25,7 @@ def write_sweep(tmp_path, grid: str, extra: str = "") -> str:
 
 
 @pytest.mark.slow
-def test_sweep_runs_every_config_and_writes_one_csv_row_per_run(tmp_path):
+def test_sweep_runs_every_config_and_writes_one_csv_row_per_run(tmp_path, monkeypatch):
     # One 2-process run (torchrun) beside the 1-process grid: the world axis and the throughput plot
     # against world size need two sizes, not a second 2-process run with GatePro off.
     sweep = write_sweep(tmp_path, "  router.gatepro.enabled: [true, false]\n",
@@ -46,9 +48,33 @@ def test_sweep_runs_every_config_and_writes_one_csv_row_per_run(tmp_path):
         assert (int(r["gatepro_penalised"]) > 0) == (r["run"] != "enabled=false")
     assert not (tmp_path / "out" / "summary_over_seeds.csv").exists()  # no seed axis, no seed table
     for png in ("zero_token_experts.png", "val_loss.png", "throughput.png", "similarity.png"):
-        assert (tmp_path / "out" / png).stat().st_size > 1000
+        assert_drawn(tmp_path / "out" / png)
     again = subprocess.run([sys.executable, "-m", "gatepro_dist.cli.sweep", sweep], capture_output=True, text=True)
     assert again.stdout.count("already complete") == 4
+
+    # The plots again, in this process (the sweep drew them in its own): their numbers are the runs'.
+    figures = capture_figures(monkeypatch)
+    loaded = load_sweep(sweep)
+    aggregate(loaded)
+    records = {run.name: read_metrics(run.run_dir(loaded.out_dir) / "metrics.jsonl") for run in loaded.runs}
+    layers = figures["zero_token_experts.png"].axes
+    assert len(layers) == 2  # TINY: 2 MoE layers
+    for name, recs in records.items():
+        steps = [r["step"] for r in recs]
+        assert steps == [1, 2, 3]
+        for layer, ax in enumerate(layers):
+            assert_curve(ax, name, steps, [r["moe"][layer]["zero_token_experts"] for r in recs])
+        (ax,) = figures["val_loss.png"].axes
+        assert_curve(ax, name, [3], [recs[-1]["val_loss"]])
+        mean_cos, entropy = figures["similarity.png"].axes
+        with_similarity = [r for r in recs if "similarity" in r["moe"][0]]
+        assert [r["step"] for r in with_similarity] == [2, 3]  # stats_every=2 and the last step
+        for ax, stat in ((mean_cos, "mean_cos"), (entropy, "spectral_entropy")):
+            assert_curve(ax, name, [2, 3], [sum(m["similarity"][stat] for m in r["moe"]) / 2 for r in with_similarity])
+    (ax,) = figures["throughput.png"].axes  # one point per run: (world size, its mean tokens/s)
+    plotted = sorted((x, y) for xs, ys in curves(ax).values() for x, y in zip(xs, ys))
+    expected = sorted((int(r["world"]), float(r["mean_tokens_per_s"])) for r in rows)
+    assert [v for point in plotted for v in point] == pytest.approx([v for point in expected for v in point])
 
 
 def test_bad_run_in_a_sweep_is_refused_before_anything_runs(tmp_path):
@@ -91,7 +117,7 @@ def test_summarize_run_counts_zero_token_experts_and_gatepro_changes_over_the_wh
     assert summarize_run(fake_records(2, [0, 1], 2.5, 0.2, changed=0))["all_experts_used_from_step"] == ""
 
 
-def test_runs_that_differ_only_in_seed_are_summarised_as_mean_and_std(tmp_path):
+def test_runs_that_differ_only_in_seed_are_summarised_as_mean_and_std(tmp_path, monkeypatch):
     path = tmp_path / "sweep.yaml"
     path.write_text(f"name: seeds\nout_dir: {tmp_path / 'out'}\nworld: 1\noverrides: [{', '.join(TINY)}, train.steps=4]\n"
                     "grid:\n  router.gatepro.enabled: [true, false]\n  train.seed: [0, 1, 2]\n")
@@ -103,6 +129,7 @@ def test_runs_that_differ_only_in_seed_are_summarised_as_mean_and_std(tmp_path):
         records = fake_records(4, [seed, 0, 0, seed], val_losses[on][seed], 0.1 * seed, changed=int(on))
         run.run_dir(sweep.out_dir).mkdir(parents=True)
         (run.run_dir(sweep.out_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    figures = capture_figures(monkeypatch)
     aggregate(sweep)
     with open(sweep.out_dir / "summary.csv") as f:
         assert len(list(csv.DictReader(f))) == 6  # still one row per run
@@ -120,7 +147,19 @@ def test_runs_that_differ_only_in_seed_are_summarised_as_mean_and_std(tmp_path):
     assert float(baseline["gatepro_topk_changed_mean"]) == 0.0
     assert "| enabled=True | 3 | 2.200 ± 0.200 |" in (sweep.out_dir / "summary_over_seeds.md").read_text()
     for png in ("zero_token_experts.png", "val_loss.png", "similarity.png"):
-        assert (sweep.out_dir / png).stat().st_size > 1000
+        assert_drawn(sweep.out_dir / png)
+    # One curve per group: the mean over its 3 seeds, and a band from the lowest seed to the highest.
+    for ax in figures["zero_token_experts.png"].axes:  # seed s has [s, 0, 0, s] zero-token experts
+        for group in ("enabled=True (3 seeds)", "enabled=False (3 seeds)"):
+            assert_curve(ax, group, [1, 2, 3, 4], [1.0, 0.0, 0.0, 1.0])
+        assert band_range(ax, 0) == band_range(ax, 1) == (0.0, 2.0)
+    (ax,) = figures["val_loss.png"].axes
+    assert_curve(ax, "enabled=True (3 seeds)", [4], [2.2])
+    assert_curve(ax, "enabled=False (3 seeds)", [4], [3.0])
+    mean_cos, entropy = figures["similarity.png"].axes  # seed s: layers 0.1 s and 0.1 s + 0.1
+    assert_curve(mean_cos, "enabled=True (3 seeds)", [2, 4], [0.15, 0.15])
+    assert band_range(mean_cos, 0) == pytest.approx((0.05, 0.25))
+    assert_curve(entropy, "enabled=False (3 seeds)", [2, 4], [3.0, 3.0])
 
 
 @pytest.mark.slow

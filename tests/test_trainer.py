@@ -8,13 +8,13 @@ import subprocess
 import sys
 import textwrap
 
-
 from distributed import run_on_ranks
-from gatepro_dist.train.checkpoint import latest_checkpoint
+from gatepro_dist.train.checkpoint import latest_checkpoint, read_model_tensors
 from gatepro_dist.config import load_config
 from gatepro_dist.config_checks import validate
 from gatepro_dist.train.parallel import build_parallel_groups, single_process_groups
 from gatepro_dist.train.engine import train
+from gatepro_dist.train.metrics import METRICS_FILE
 
 TINY = [
     "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1",
@@ -48,13 +48,33 @@ def assert_close_lists(a, b, rel=1e-5):
         assert abs(x - y) <= rel * abs(y), f"step {i + 1}: {x} vs {y}"
 
 
+def logged_grad_norms(run_dir) -> list[float]:
+    return [json.loads(line)["grad_norm"] for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+
+
 def test_dp_ep_layouts_follow_the_same_loss_trajectory(tmp_path):
-    """Proof that expert and dense gradients are reduced over the right groups."""
+    """Proof that expert and dense gradients are reduced over the right groups: the losses, the
+    logged gradient norms (the norm decides clipping: an expert gradient ep times too large hides
+    from the loss under AdamW until clipping bites) and the final weights (the checkpoint every
+    run writes at its last step) of every dp x ep layout are those of one process."""
     steps = ["train.steps=5", "train.save_every=1000"]
-    reference = run_training(1, tmp_path / "1x1", *steps, "parallel.ep=1")
+    reference_dir = tmp_path / "1x1"
+    reference = run_training(1, reference_dir, *steps, "parallel.ep=1")
+    reference_norms = logged_grad_norms(reference_dir)
+    reference_weights = read_model_tensors(latest_checkpoint(reference_dir))
+    assert len(reference_norms) == 5 and min(reference_norms) > 1.0  # train.grad_clip=1 clips every step
     for dp, ep in [(1, 2), (2, 1), (2, 2)]:
-        losses = run_training(dp * ep, tmp_path / f"{dp}x{ep}", *steps, f"parallel.ep={ep}")
+        run_dir = tmp_path / f"{dp}x{ep}"
+        losses = run_training(dp * ep, run_dir, *steps, f"parallel.ep={ep}")
         assert_close_lists(losses, reference)
+        assert_close_lists(logged_grad_norms(run_dir), reference_norms)
+        weights = read_model_tensors(latest_checkpoint(run_dir))
+        assert weights.keys() == reference_weights.keys()
+        for name, expected in reference_weights.items():
+            # Per tensor, not per element: AdamW's first steps divide by |g|, so an element whose
+            # gradient is ~0 turns fp32 summation-order noise into a visible update difference.
+            rel = ((weights[name] - expected).norm() / expected.norm().clamp_min(1e-12)).item()  # 0: a zero bias
+            assert rel <= 1e-5, f"{dp}x{ep}: {name} differs from one process by {rel:.1e} (relative)"
     assert reference[-1] < reference[0]
 
 

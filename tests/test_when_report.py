@@ -8,10 +8,12 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gatepro_dist.experiments.sweep import load_sweep
 from gatepro_dist.experiments.when_report import SWEEPS, build, steps_to_threshold
+from plots import assert_curve, assert_drawn, capture_figures, curves
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +38,7 @@ def test_steps_to_threshold_first_and_for_good():
     assert steps_to_threshold(records, 3, 128) == 1 and steps_to_threshold(records, 3, 128, for_good=True) is None
 
 
-def test_report_pairs_gatepro_with_the_baseline_of_the_same_seed(tmp_path):
+def test_report_pairs_gatepro_with_the_baseline_of_the_same_seed(tmp_path, monkeypatch):
     configs = tmp_path / "configs" / "sweeps"
     configs.mkdir(parents=True)
     shutil.copy(ROOT / "configs" / "quickstart.yaml", tmp_path / "configs")
@@ -61,6 +63,7 @@ def test_report_pairs_gatepro_with_the_baseline_of_the_same_seed(tmp_path):
             path.parent.mkdir(parents=True, exist_ok=True)
             with gzip.open(path, "wt") as fh:
                 fh.writelines(json.dumps(r) + "\n" for r in records)
+    figures = capture_figures(monkeypatch)
     counts = build(configs, tmp_path / "out")
     assert counts == {"when_init0": 12, "when_default_init": 4, "when_default_init_seeds": 4, "when_lambda": 0,
                       "when_hotswap": 0}
@@ -80,7 +83,9 @@ def test_report_pairs_gatepro_with_the_baseline_of_the_same_seed(tmp_path):
     assert [float(r["penalty"]) for r in lam] == [0.0, 1e-4]
     assert float(lam[1]["gatepro_changed_fraction"]) == pytest.approx(5 / 2048, rel=1e-3)  # 4 digits in the CSV
     assert [int(r["layer0"]) for r in lam] == [300, 200]  # the baseline lags 100 steps
-    assert (tmp_path / "out" / "zero_token.png").stat().st_size > 1000
+    for png in ("zero_token.png", "val_loss.png", "margin.png"):
+        assert_drawn(tmp_path / "out" / png)
+    _assert_plotted_curves(figures)
     summary = (tmp_path / "out" / "summary.md").read_text()
     # both tables of both inits: every seed 100 steps sooner (the default init: seeds 0, 1, 2 at balance 0.01)
     assert summary.count("| 0.01 | 3 | +100 (3/3 sooner) |") == 4
@@ -91,3 +96,36 @@ def test_report_pairs_gatepro_with_the_baseline_of_the_same_seed(tmp_path):
         ["| on", "0.01", "2"], ["| off", "0.01", "2"], ["| on", "0.0", "0"], ["| off", "0.0", "0"]]
     assert [row.split(" | ")[4:7] for row in default[:2]] == [["0.001465", "150 / 150 / 150 / 150", "7"],
                                                                 ["0", "250 / 250 / 250 / 250", "7"]]
+
+
+def _assert_plotted_curves(figures):
+    """The numbers behind the report's plots, from the synthetic runs above: every curve is the mean
+    over its seeds of a step function, so its value at each step is known."""
+    steps = np.arange(1, 1001)
+
+    def mean_over_seeds(thresholds, after):  # 128 zero-token experts before each seed's threshold
+        return np.mean([np.where(steps < t, 128.0, after) for t in thresholds], axis=0)
+
+    expected = {  # label -> zero-token curve; init 0: seed s reaches 0 at 200 + 10 s (GatePro), 100 later (baseline)
+        **{f"init 0, GatePro, balance {b} (3 seeds)": mean_over_seeds([200, 210, 220], 0.0) for b in ("0.0", "0.01")},
+        **{f"init 0, baseline, balance {b} (3 seeds)": mean_over_seeds([300, 310, 320], 0.0) for b in ("0.0", "0.01")},
+        # the default init: seeds 0, 1, 2 at balance 0.01, seed 0 at balance 0.0, all alike
+        **{f"init default, GatePro, balance {b}": mean_over_seeds([150], 7.0) for b in ("0.0 (1 seed)", "0.01 (3 seeds)")},
+        **{f"init default, baseline, balance {b}": mean_over_seeds([250], 7.0) for b in ("0.0 (1 seed)", "0.01 (3 seeds)")},
+    }
+    layers = figures["zero_token.png"].axes
+    assert len(layers) == 4
+    for ax in layers:
+        assert sorted(curves(ax)) == sorted(expected)
+        for label, values in expected.items():
+            assert_curve(ax, label, steps, values)
+    (ax,) = figures["val_loss.png"].axes  # init 0 only: GatePro 2.0, the baseline 2.1, every 100 steps
+    for label, (x, y) in curves(ax).items():
+        assert label.startswith("init 0, ")
+        np.testing.assert_array_equal(x, np.arange(100, 1001, 100))
+        np.testing.assert_allclose(y, 2.0 if "GatePro" in label else 2.1, rtol=1e-12)
+    assert len(curves(ax)) == 4
+    (ax,) = figures["margin.png"].axes  # below_penalty = 1 / step in every layer of both runs
+    assert len(curves(ax)) == 2
+    for label in curves(ax):
+        assert_curve(ax, label, steps, 1.0 / steps)

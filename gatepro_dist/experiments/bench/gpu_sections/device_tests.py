@@ -17,9 +17,11 @@ def device_tests(options: dict, note) -> dict:
     if missing:
         return {"passed": False, "error": f"{missing[0]} not found: run from the repository root"}
     try:
-        import pytest  # noqa: F401  (only: is it installed?)
+        import pytest  # noqa: F401  (only: are they installed? tests/conftest.py needs both)
+        import pytest_timeout  # noqa: F401
     except ImportError:
-        return {"passed": False, "error": "pytest is not installed: carry its wheel (docs/gpu_acceptance.md)"}
+        return {"passed": False, "error": "pytest or pytest-timeout is not installed: carry their wheels "
+                                          "(docs/gpu_acceptance.md)"}
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS]
     env = {**os.environ, "GATEPRO_TEST_DEVICE": "cuda"}
     began = time.perf_counter()
