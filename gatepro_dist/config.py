@@ -127,13 +127,34 @@ class ParallelConfig:
 
 
 @dataclass
+class MixEntry:
+    """One source of a mixture: `{source: PATH, weight: 0.7}` (name: how metrics call it; default the path's last part)."""
+
+    source: Union[str, list[str]] = "stdlib"
+    weight: float = 1.0
+    name: Optional[str] = None
+
+
+@dataclass
 class DataConfig:
-    source: Union[str, list[str]] = _f("stdlib", "'stdlib', or path(s) to text files/dirs or .bin token files")
-    bin_dtype: Literal["uint16", "uint32"] = _f("uint16", "token dtype of .bin files")
+    source: Union[str, list[str]] = _f(
+        "stdlib", "'stdlib', or path(s)/globs: text files/dirs, .jsonl(.gz), .bin/.npy token shards, a "
+        "gatepro-convert tokenize directory, or a Megatron PREFIX (PREFIX.bin + PREFIX.idx)")
+    mix: list[MixEntry] = _f([], "a mixture instead of data.source: [{source: PATH, weight: 0.7}, {source: PATH, "
+                                 "weight: 0.3}]; each global batch is drawn by weight")
+    val_source: Optional[Union[str, list[str], list[MixEntry]]] = _f(
+        None, "held-out data for evaluation (any form of data.source, or a mixture list: a loss per source); "
+              "null = the last val_fraction of each training source")
+    bin_dtype: Literal["uint16", "uint32"] = _f("uint16", "token dtype of flat .bin files (.npy, Megatron and tokenized dirs carry theirs)")
     seq_len: int = _f(128, "tokens per training sequence")
     val_fraction: float = _f(0.02, "share of the data held out for evaluation, in (0, 0.5]")
     max_bytes: int = _f(16777216, "read at most this many bytes of text")
     tokenizer: Optional[str] = _f(None, "null = bytes; else a local tokenizer.json (Hugging Face `tokenizers`) that encodes text sources")
+    text_key: str = _f("text", "the field of each .jsonl line that holds the document's text")
+    eos_id: Optional[int] = _f(None, "end-of-document token id; null = the source's own (a tokenize manifest names it); "
+                                     "with text sources, each document is followed by it")
+    document_mask: bool = _f(False, "attention stays inside each document (block-causal) and positions restart at "
+                                    "each document; needs an end-of-document id")
 
 
 @dataclass
@@ -299,6 +320,8 @@ def _type_name(tp: Any) -> str:
         return f"list[{_type_name(args[0])}]"
     if origin is tuple:
         return "[" + ", ".join(_type_name(a) for a in args) + "]"
+    if dataclasses.is_dataclass(tp):
+        return "{" + ", ".join(f.name for f in dataclasses.fields(tp)) + "}"
     return tp.__name__
 
 
@@ -359,6 +382,18 @@ def _coerce(key: str, value: Any, tp: Any, origin: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise bad()
         return [_coerce(f"{key}[{i}]", item, args[0], origin) for i, item in enumerate(value)]
+    if dataclasses.is_dataclass(tp):  # an entry of a list such as data.mix: a mapping of its fields
+        if isinstance(value, tp):
+            value = dataclasses.asdict(value)
+        if not isinstance(value, dict):
+            raise bad()
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        hints = typing.get_type_hints(tp)
+        for name in value:
+            if name not in fields:
+                raise ConfigError(f"{key}: unknown field '{name}' ({origin}); an entry has "
+                                  f"{', '.join(fields)}, e.g. {{source: data/web, weight: 0.7}}")
+        return tp(**{name: _coerce(f"{key}.{name}", item, hints[name], origin) for name, item in value.items()})
     if kind is tuple:  # fixed-length entries such as a schedule's [step, on]
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise bad()
@@ -454,7 +489,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
-        wants_text = tp is str or typing.get_origin(tp) is Literal or key in ("data.source", "data.tokenizer")
+        wants_text = tp is str or typing.get_origin(tp) is Literal or key in ("data.source", "data.tokenizer", "data.val_source")
         if wants_text and value is not None and not isinstance(value, (str, list)):
             value = raw  # e.g. train.run_dir=007 stays "007"
         _set(cfg, key, _coerce(key, value, tp, origin))

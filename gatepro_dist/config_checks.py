@@ -9,6 +9,7 @@ any rank has joined it. Parsing a single key (types, choices, unknown keys) is `
 """
 from __future__ import annotations
 
+import glob
 import math
 import os
 from typing import Any
@@ -71,6 +72,7 @@ def validate(cfg: Config, world_size: int) -> Config:
     _check_world(cfg, world_size)
     _check_paths(cfg)
     _check_deepspeed(cfg, world_size)
+    _check_metrics(cfg)
     check_cublas_workspace(cfg.train.deterministic)
     return cfg
 
@@ -115,7 +117,7 @@ def _check_shapes(cfg: Config) -> None:
         if not 0 <= layer < m.n_layers:
             raise _fail(f"model.dense_layers[{i}]", layer, f"is not a layer index of model.n_layers={m.n_layers}",
                         f"list layer indices in [0, {m.n_layers - 1}]")
-    if isinstance(cfg.data.source, list) and not cfg.data.source:
+    if isinstance(cfg.data.source, list) and not cfg.data.source and not cfg.data.mix:
         raise _fail("data.source", [], "is an empty list", "name at least one path or use 'stdlib'")
     if cfg.train.dtype == "bf16" and moe.grouped_gemm:
         _check_grouped_gemm_alignment(m.d_model, moe.expert_ffn_dim)
@@ -213,11 +215,61 @@ def _check_paths(cfg: Config) -> None:
     if tokenizer is not None and not os.path.isfile(tokenizer):
         raise _fail("data.tokenizer", tokenizer, "is not an existing file",
                     "point data.tokenizer at a local tokenizer.json, or set it to null for bytes")
-    sources = cfg.data.source if isinstance(cfg.data.source, list) else [cfg.data.source]
-    for source in sources:
-        if source != "stdlib" and not os.path.exists(source):
-            raise _fail("data.source", source, "is neither 'stdlib' nor an existing path",
-                        "point data.source at text files/dirs or .bin token files, or use 'stdlib'")
+    _check_sources(cfg)
+
+
+def _source_missing(path: str) -> str | None:
+    """Why `path` names no data (None when it does): a file, a non-empty directory, a glob with
+    matches, or a Megatron prefix (PREFIX.bin + PREFIX.idx)."""
+    if path == "stdlib":
+        return None
+    if os.path.isdir(path):
+        return None if any(os.scandir(path)) else "is an empty directory"
+    if os.path.isfile(path):
+        return None if os.path.getsize(path) else "is an empty file"
+    if os.path.isfile(path + ".bin") and os.path.isfile(path + ".idx"):
+        return None
+    if glob.has_magic(path):
+        return None if glob.glob(path, recursive=True) else "is a pattern that matches no file"
+    return "is neither 'stdlib' nor an existing path"
+
+
+def _check_sources(cfg: Config) -> None:
+    """Every data path exists and holds something; mixture weights are positive. What is inside the
+    files (dtypes, sizes, token ids, JSON lines) is checked by the data loader, also before any
+    process group exists."""
+    d = cfg.data
+    named: list[tuple[str, Any]] = []
+    if d.mix:
+        named += [(f"data.mix[{i}].source", e.source) for i, e in enumerate(d.mix)]
+        for i, entry in enumerate(d.mix):
+            if not entry.weight > 0:
+                raise _fail(f"data.mix[{i}].weight", entry.weight, "must be > 0",
+                            "give every mixture entry a positive weight (they are normalised to sum to 1)")
+    else:
+        named.append(("data.source", d.source))
+    if isinstance(d.val_source, list) and d.val_source and not isinstance(d.val_source[0], str):
+        named += [(f"data.val_source[{i}].source", e.source) for i, e in enumerate(d.val_source)]
+        for i, entry in enumerate(d.val_source):
+            if not entry.weight > 0:
+                raise _fail(f"data.val_source[{i}].weight", entry.weight, "must be > 0",
+                            "give every held-out entry a positive weight")
+    elif d.val_source is not None:
+        named.append(("data.val_source", d.val_source))
+    for key, source in named:
+        paths = source if isinstance(source, list) else [source]
+        if not paths:
+            raise _fail(key, [], "is an empty list", "name at least one path or use 'stdlib'")
+        for path in paths:
+            problem = _source_missing(path)
+            if problem:
+                raise _fail(key, path, problem, f"point {key} at text, .jsonl, token shards (.bin/.npy), a "
+                            "gatepro-convert tokenize directory or a Megatron prefix, or use 'stdlib'")
+    if not d.text_key:
+        raise _fail("data.text_key", d.text_key, "is empty", "name the JSON field that holds each document's text")
+    if d.eos_id is not None and not 0 <= d.eos_id < cfg.model.vocab_size:
+        raise _fail("data.eos_id", d.eos_id, f"is not a token id of model.vocab_size={cfg.model.vocab_size}",
+                    f"choose data.eos_id in [0, {cfg.model.vocab_size - 1}] or raise model.vocab_size")
 
 
 def _check_deepspeed(cfg: Config, world_size: int) -> None:
@@ -231,3 +283,23 @@ def _check_deepspeed(cfg: Config, world_size: int) -> None:
         raise _fail("train.async_save", True, "is not supported with train.backend=deepspeed (its engine writes "
                     "its own checkpoints, blocking)", "set train.async_save=false or train.backend=native")
     deepspeed_config(cfg, world_size)
+
+
+def _check_metrics(cfg: Config) -> None:
+    """An experiment tracker that cannot be imported fails here, on every rank, before any group."""
+    from .train.wandb_run import MISSING_WANDB  # no wandb import: only whether it is installed
+
+    mode = cfg.metrics.wandb
+    if mode is not None and _missing_package("wandb"):
+        raise ConfigError(MISSING_WANDB.format(mode=mode))
+
+
+def _missing_package(name: str) -> bool:
+    """Whether ``import name`` would fail for want of the package (without importing it: wandb
+    takes seconds). A ``None`` entry in sys.modules is how Python marks an import as blocked."""
+    import importlib.util
+    import sys
+
+    if name in sys.modules:
+        return sys.modules[name] is None
+    return importlib.util.find_spec(name) is None

@@ -11,6 +11,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gatepro_dist.cli.train import main
@@ -20,6 +21,24 @@ E = "gatepro-train: error: "
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                     "GATEPRO_FAULT")
 TORCHRUN_2 = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
+
+
+def source_fix(key: str) -> str:
+    return (f"point {key} at text, .jsonl, token shards (.bin/.npy), a gatepro-convert tokenize directory or a "
+            "Megatron prefix, or use 'stdlib'")
+
+
+def write_bad_data(root: Path) -> None:
+    """The data files the table's data rows point at (under root/data)."""
+    data = root / "data"
+    (data / "empty_dir").mkdir(parents=True)
+    (data / "odd.bin").write_bytes(b"\x01\x02\x03")
+    (data / "mixed").mkdir()
+    np.save(data / "mixed" / "a.npy", np.arange(100, dtype=np.uint16))
+    np.save(data / "mixed" / "b.npy", np.arange(100, dtype=np.uint32))
+    np.save(data / "big_ids.npy", np.tile(np.array([1, 2, 300], dtype=np.uint16), 100))
+    (data / "docs.jsonl").write_text('{"text": "one document"}\n{"id": 2, "body": "no text key"}\n')
+
 
 # (id, overrides, environment, expected stderr line). {tmp} is the test's working directory;
 # {run} is a finished tiny run there (checkpoint at step 2), {ckpt} its checkpoint.
@@ -96,13 +115,34 @@ TABLE = [
      "config file 'list.yaml' must contain a mapping of sections (model, moe, router, parallel, data, train), "
      "got list; write them as top-level keys, as in configs/quickstart.yaml"),
     ("corpus does not exist", ["data.source=/nonexistent/corpus"], {},
-     "data.source='/nonexistent/corpus' is neither 'stdlib' nor an existing path; point data.source at text "
-     "files/dirs or .bin token files, or use 'stdlib'"),
+     "data.source='/nonexistent/corpus' is neither 'stdlib' nor an existing path; " + source_fix("data.source")),
     ("empty corpus", ["data.source={tmp}/empty.txt"], {},
-     "data source {tmp}/empty.txt contains no bytes; point it at non-empty files"),
+     "data.source='{tmp}/empty.txt' is an empty file; " + source_fix("data.source")),
+    ("empty corpus directory", ["data.source={tmp}/data/empty_dir"], {},
+     "data.source='{tmp}/data/empty_dir' is an empty directory; " + source_fix("data.source")),
     ("binary garbage corpus", ["data.source={tmp}/garbage.txt"], {},
      "text file {tmp}/garbage.txt looks binary (over 30% control bytes); pre-tokenized data must be a .bin "
-     "file of uint8/uint16/uint32 tokens"),
+     "(uint16/uint32), .npy or Megatron .bin+.idx token file"),
+    ("shard size not a multiple of its dtype", ["data.source={tmp}/data/odd.bin"], {},
+     "token file {tmp}/data/odd.bin has 3 bytes, not a multiple of 2 for uint16; set bin_dtype (data.bin_dtype) "
+     "to the dtype it was written with"),
+    ("mixed dtypes in one source", ["data.source={tmp}/data/mixed"], {},
+     "data source {tmp}/data/mixed mixes token dtypes: {tmp}/data/mixed/a.npy is uint16 but "
+     "{tmp}/data/mixed/b.npy is uint32; convert them to one dtype or list them as separate data.mix entries"),
+    ("token id outside the vocabulary", ["data.source={tmp}/data/big_ids.npy"], {},
+     "data source 1 uint16 token file(s): {tmp}/data/big_ids.npy contains token id 300, outside vocab_size=256; "
+     "raise model.vocab_size to at least 301"),
+    ("mixture weight not positive", ["data.mix=[{{source: stdlib, weight: 1}}, {{source: stdlib, weight: 0}}]"], {},
+     "data.mix[1].weight=0.0 must be > 0; give every mixture entry a positive weight (they are normalised to "
+     "sum to 1)"),
+    ("jsonl line without the text key", ["data.source={tmp}/data/docs.jsonl"], {},
+     "{tmp}/data/docs.jsonl:2 has no string under the text key 'text' (found: body, id); set data.text_key "
+     "(or --text-key) to the field that holds the text"),
+    ("document mask without an end-of-document id", ["data.document_mask=true"], {},
+     "data.document_mask=true needs an end-of-document token id, and the data source names none; set "
+     "data.eos_id, or tokenize the corpus with gatepro-convert tokenize (its manifest names one)"),
+    ("held-out source missing", ["data.val_source=/nonexistent/val"], {},
+     "data.val_source='/nonexistent/val' is neither 'stdlib' nor an existing path; " + source_fix("data.val_source")),
     ("run_dir is a file", ["train.run_dir={tmp}/empty.txt"], {},
      "train.run_dir='{tmp}/empty.txt' exists and is a file; choose a directory path or remove the file"),
     ("run_dir not writable", ["train.run_dir=/proc/forbidden/run"], {},
@@ -174,6 +214,7 @@ def test_bad_input_is_refused_with_one_exact_line_and_nothing_changes(
     (tmp_path / "garbage.txt").write_bytes(bytes(range(32)) * 4000)
     (tmp_path / "broken.yaml").write_text("model:\n  d_model: 32: 4\n")
     (tmp_path / "list.yaml").write_text("- model\n- moe\n")
+    write_bad_data(tmp_path)
     monkeypatch.chdir(tmp_path)
     for key in LAUNCH_VARIABLES:
         monkeypatch.delenv(key, raising=False)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gatepro_dist.train.data import (
+from gatepro_dist.data import (
     FILE_SEPARATOR,
     DataError,
     GlobalBatchSampler,

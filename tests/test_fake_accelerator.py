@@ -260,6 +260,10 @@ def run_training(layout: Layout, run_dir: str) -> Run:
                         if name.startswith("gatepro_dist.train") and hasattr(m, "gate_similarity_stats")]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(set_up_module, "Transformer", _model_builder(device, built))
+        # The data prefetch thread runs outside the fake mode (dispatch modes are thread-local): its
+        # real CPU batches would be constant-folded by FakeTensorMode onto a device with no kernels.
+        # Batches are read on the training thread instead; the prefetcher is tested in test_data_sources.
+        patch.setattr(set_up_module, "PrefetchingView", lambda view, *args, **kwargs: view)
         patch.setattr(trainer, "micro_batch_loss", watch_micro_batch)
         patch.setattr(trainer, "read_step", watch_read_step)
         patch.setattr(trainer, "adamw", watch_adamw)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from gatepro_dist.train import data as data_module
+from gatepro_dist.data import text as data_module
 from gatepro_dist.config import ConfigError, load_config
 from gatepro_dist.config_checks import validate
-from gatepro_dist.train.data import DataError, load_tokens
+from gatepro_dist.data import DataError, load_tokens
 from gatepro_dist.moe.experts import SwiGLU
 from gatepro_dist.train.model import Attention, Transformer, rope_tables
 from gatepro_dist.moe import MoELayer
@@ -127,9 +127,10 @@ def test_a_missing_or_unreadable_tokenizer_is_named(tmp_path, corpus):
 def test_tokenize_command_writes_the_tokens_training_would_read(tokenizer_file, corpus, tmp_path, capsys):
     from gatepro_dist.cli.convert import main
 
-    out = tmp_path / "corpus.bin"
-    assert main(["tokenize", "--tokenizer", str(tokenizer_file), "--out", str(out), str(corpus)]) == 0
-    assert "data.bin_dtype=uint16" in capsys.readouterr().out
-    from_bin = load_tokens(out, bin_dtype="uint16")
+    out = tmp_path / "corpus"
+    assert main(["tokenize", "--quiet", "--tokenizer", str(tokenizer_file), "--out", str(out), str(corpus)]) == 0
+    assert f"data.source={out}" in capsys.readouterr().out
+    from_shards = load_tokens(out)  # one document, ended by the tokenizer's </s>
     from_text = load_tokens(corpus, tokenizer=tokenizer_file)
-    assert np.array_equal(from_bin.slice(0, len(from_bin)), from_text.slice(0, len(from_text)))
+    assert from_shards.eos_id == 2 and from_shards.parts[0].dtype == np.uint16
+    assert np.array_equal(from_shards.slice(0, len(from_shards)), np.append(from_text.slice(0, len(from_text)), 2))

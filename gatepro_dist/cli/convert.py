@@ -3,7 +3,8 @@
     gatepro-convert hf-to-gp HF_DIR OUT_DIR [--config YAML] [--tokenizer PATH|none] [key=value ...]
     gatepro-convert gp-to-hf CHECKPOINT_OR_RUN_DIR OUT_DIR [--family F] [--hf-config DIR]
                              [--dtype auto|float32|bfloat16|float16] [--max-shard-size 5GB]
-    gatepro-convert tokenize --tokenizer tokenizer.json --out corpus.bin SOURCE [SOURCE ...]
+    gatepro-convert tokenize --tokenizer tokenizer.json|bytes --out DIR [--workers N] [--max-tokens N]
+                             [--shard-tokens N] [--eos-id N] [--text-key text] SOURCE [SOURCE ...]
 
 Everything is local: nothing is downloaded. A bad input exits with code 2 and one line that names
 the file, key or tensor (see docs/hf.md).
@@ -12,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-
-import numpy as np
 
 EXIT_BAD_INPUT = 2
 
@@ -42,11 +41,18 @@ def _parser() -> argparse.ArgumentParser:
                                                      "bfloat16 or float16")
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB (default)")
 
-    tok = sub.add_parser("tokenize", help="encode text once into a .bin token file (data.source=...bin)")
-    tok.add_argument("sources", nargs="+", help="text files or directories ('stdlib' for the built-in corpus)")
-    tok.add_argument("--tokenizer", required=True, help="local tokenizer.json")
-    tok.add_argument("--out", required=True, help="output .bin file")
-    tok.add_argument("--max-bytes", type=int, default=1 << 30, help="read at most this many bytes of text")
+    tok = sub.add_parser("tokenize", help="encode a corpus once into token shards + manifest (data.source=DIR)")
+    tok.add_argument("sources", nargs="+", help="text files, .jsonl(.gz) files, directories or globs ('stdlib' for "
+                                                "the built-in corpus); each file, or each JSON line, is a document")
+    tok.add_argument("--tokenizer", required=True, help="local tokenizer.json, or 'bytes' (ids 0-255, 256 ends a document)")
+    tok.add_argument("--out", required=True, help="output directory (shards, documents.npy, manifest.json); a rerun "
+                                                  "with the same settings continues it, skipping finished shards")
+    tok.add_argument("--workers", type=int, default=1, help="encoding processes (default 1)")
+    tok.add_argument("--shard-tokens", type=int, default=1 << 25, help="tokens per shard (default 33554432)")
+    tok.add_argument("--eos-id", type=int, help="end-of-document id (default: the tokenizer's own)")
+    tok.add_argument("--max-tokens", type=int, help="stop at the last document boundary within this many tokens")
+    tok.add_argument("--text-key", default="text", help="the field of each JSON line that holds the text")
+    tok.add_argument("--quiet", action="store_true", help="no progress line")
     return parser
 
 
@@ -62,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from ..train.checkpoint import CheckpointError
     from ..config import ConfigError
-    from ..train.data import DataError
+    from ..data import DataError
     from ..hf import HFConversionError
 
     try:
@@ -101,15 +107,18 @@ def _export(args) -> int:
 
 
 def _tokenize(args) -> int:
-    from ..train.data import load_text_tokenizer, load_tokens
+    import os
 
-    sources = args.sources[0] if args.sources == ["stdlib"] else args.sources
-    stream = load_tokens(sources, max_bytes=args.max_bytes, tokenizer=args.tokenizer)
-    vocab = load_text_tokenizer(args.tokenizer).get_vocab_size(with_added_tokens=True)
-    dtype = "uint16" if vocab <= np.iinfo(np.uint16).max + 1 else "uint32"
-    stream.slice(0, len(stream)).astype(dtype).tofile(args.out)
-    print(f"gatepro-convert: {len(stream)} tokens -> {args.out}; train with "
-          f"data.source={args.out} data.bin_dtype={dtype}")
+    from ..data.tokenize import describe, tokenize_corpus
+
+    # --workers N means N encoding processes of one thread each (the Rust tokenizer would otherwise
+    # spread every batch over all cores itself, and warn when the pool forks).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    result = tokenize_corpus(args.sources, args.tokenizer, args.out, workers=args.workers,
+                             shard_tokens=args.shard_tokens, eos_id=args.eos_id, max_tokens=args.max_tokens,
+                             text_key=args.text_key, progress=not args.quiet)
+    for line in describe(result):
+        print(f"gatepro-convert: {line}")
     return 0
 
 

@@ -25,7 +25,7 @@ from ..config import ConfigError, help_text, load_config
 from ..config_checks import validate
 from ..moe.experts import describe_expert_kernel
 from ..train.checkpoint import CheckpointError, CheckpointSaveError, preflight_resume
-from ..train.data import DataError
+from ..data import DataError
 from ..train.numerics import describe_optimizer
 from ..train.parallel import build_parallel_groups, close_process_groups, exit_process
 

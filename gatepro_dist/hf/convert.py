@@ -148,7 +148,7 @@ def _find_tokenizer(hf_dir: Path, tokenizer: str | None, vocab_size: int) -> str
             f"{path} not found; the model's tokenizer must be a tokenizer.json (pass --tokenizer PATH, "
             "or --tokenizer none to train on bytes)"
         )
-    from ..train.data import DataError, load_text_tokenizer
+    from ..data import DataError, load_text_tokenizer
 
     try:
         size = load_text_tokenizer(path).get_vocab_size(with_added_tokens=True)

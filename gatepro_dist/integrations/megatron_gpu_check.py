@@ -178,7 +178,7 @@ def check_gpt_training(device: torch.device, steps: int) -> dict:
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from ..train.data import build_data
+    from ..data import build_data
     from .megatron_router import GateProTopKRouter, use_gatepro_router
 
     seq, batch = 64, 8

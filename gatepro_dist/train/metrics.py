@@ -1,4 +1,4 @@
-"""Per-step training metrics: a JSON-lines log, optional TensorBoard scalars, a progress line.
+"""Per-step training metrics: a JSON-lines log, optional TensorBoard and W&B scalars, a progress line.
 
 Only rank 0 writes. Every other rank builds the same objects with ``enabled=False`` so the trainer
 never branches on its rank; those objects do nothing.
@@ -17,7 +17,8 @@ One record per logged step, one JSON object per line of ``<run_dir>/metrics.json
              ...]}                                           # similarity only on some steps
 
 The file is opened in append mode so a resumed run continues it; ``truncate_after(resume_step)``
-first removes the records a killed run logged after its last checkpoint.
+first removes the records a killed run logged after its last checkpoint. With ``metrics.wandb`` the
+same scalars as TensorBoard's go to a W&B run under ``<run_dir>/wandb`` (``wandb_run.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 from typing import IO, Any, Callable
+
+from .wandb_run import WandbRun, import_wandb
 
 log = logging.getLogger(__name__)
 
@@ -131,19 +134,26 @@ class MetricsWriter:
     With ``tensorboard=True`` the numeric fields also go to ``run_dir/tensorboard`` when
     ``torch.utils.tensorboard`` can be imported; when it cannot, one info line says so and the
     JSON log is written as usual.
+
+    With ``wandb="offline"`` or ``"online"`` the same scalars go to a W&B run (project
+    ``wandb_project``, ``config`` as its config), each at its record's step. The run opens at
+    ``truncate_after`` -- continuing the stored run id when records were kept, a new one when the
+    log starts over -- or at the first ``write``; ``close`` finishes it.
     """
 
     def __init__(self, run_dir: str | os.PathLike, enabled: bool, tensorboard: bool = True,
                  wandb: str | None = None, wandb_project: str = "gatepro_dist", config: dict | None = None):
-        if wandb is not None:
-            raise NotImplementedError("metrics.wandb is not supported yet; set metrics.wandb=null")
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS_FILE
         self.enabled = enabled
         self._file: IO[str] | None = None
         self._tb_writer = None
+        self._wandb: WandbRun | None = None
         if not enabled:
             return
+        if wandb is not None:
+            import_wandb(wandb)  # a missing package fails here, before anything is written
+            self._wandb = WandbRun(self.run_dir, wandb, wandb_project, config)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._open_for_append()
         if tensorboard:
@@ -169,10 +179,17 @@ class MetricsWriter:
             raise RuntimeError(f"MetricsWriter for {self.path} is closed")
         self._file.write(json.dumps(record, default=_json_default) + "\n")
         self._file.flush()  # a crash loses at most the line being written
-        if self._tb_writer is not None and isinstance(record.get("step"), int):
-            for tag, value in flatten_scalars(record).items():
+        if not isinstance(record.get("step"), int):
+            return
+        scalars = flatten_scalars(record)
+        if self._tb_writer is not None:
+            for tag, value in scalars.items():
                 self._tb_writer.add_scalar(tag, value, global_step=record["step"])
             self._tb_writer.flush()
+        if self._wandb is not None:
+            if not self._wandb.started:
+                self._wandb.start(continue_run=True)
+            self._wandb.log(record["step"], scalars)
 
     def truncate_after(self, step: int) -> int:
         """Keep only records with ``step < step``; returns how many lines were removed.
@@ -214,6 +231,10 @@ class MetricsWriter:
             # SummaryWriter can only purge when it is created: replace it.
             self._tb_writer.close()
             self._tb_writer = _make_summary_writer(self.run_dir / TENSORBOARD_DIR, purge_step=step)
+        if self._wandb is not None and not self._wandb.started:
+            # W&B history cannot be cut back: the records dropped above stay in the W&B run as first
+            # logged, and W&B ignores the steps logged again (only larger steps are accepted).
+            self._wandb.start(continue_run=bool(kept))
         return removed
 
     def close(self) -> None:
@@ -223,6 +244,8 @@ class MetricsWriter:
         if self._tb_writer is not None:
             self._tb_writer.close()
             self._tb_writer = None
+        if self._wandb is not None:
+            self._wandb.finish()
 
     def __enter__(self) -> "MetricsWriter":
         return self

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..cluster import faults
 from ..config import Config
+from ..data.batch import document_layout
 from ..moe.experts import SwiGLU
 from ..moe.layer import MoELayer, MoESpec, MoEStats
 
@@ -58,7 +59,10 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(q_width, m.norm_eps) if m.qk_norm else None
         self.k_norm = RMSNorm(k_width, m.norm_eps) if m.qk_norm else None
 
-    def forward(self, x_BSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor,
+                mask_B1SS: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention; with ``mask_B1SS`` (document masking: True where a query may see a key)
+        block-causal through SDPA's boolean mask, with per-row rotary tables (cos/sin [B, 1, S, D])."""
         batch, seq, _ = x_BSD.shape
         q, k, v = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
         if self.q_norm is not None and not self.qk_norm_per_head:
@@ -71,9 +75,14 @@ class Attention(nn.Module):
         q_BHSD = apply_rope(q.transpose(1, 2), cos_SD, sin_SD)
         k_BHSD = apply_rope(k.transpose(1, 2), cos_SD, sin_SD)
         v_BHSD = v.transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q_BHSD, k_BHSD, v_BHSD, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        if mask_B1SS is None:
+            out = F.scaled_dot_product_attention(
+                q_BHSD, k_BHSD, v_BHSD, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+            )
+        else:
+            out = F.scaled_dot_product_attention(
+                q_BHSD, k_BHSD, v_BHSD, attn_mask=mask_B1SS, enable_gqa=self.n_kv_heads != self.n_heads
+            )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -103,16 +112,16 @@ class Block(nn.Module):
             self.ffn = SwiGLU(m.d_model, m.dense_ffn_dim)
         self.checkpointing = cfg.train.activation_checkpointing
 
-    def forward(self, x, cos, sin) -> tuple[torch.Tensor, MoEStats | None]:
+    def forward(self, x, cos, sin, mask=None) -> tuple[torch.Tensor, MoEStats | None]:
         """With activation checkpointing (``train.activation_checkpointing``) the block, or its MoE
         FFN, keeps only its inputs and runs again in backward, all-to-all included: every rank
         recomputes the same layers in the same order, so the collectives pair up as in forward."""
         if self.checkpointing == "block" and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
-        return self._forward(x, cos, sin)
+            return checkpoint(self._forward, x, cos, sin, mask, use_reentrant=False)
+        return self._forward(x, cos, sin, mask)
 
-    def _forward(self, x, cos, sin) -> tuple[torch.Tensor, MoEStats | None]:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def _forward(self, x, cos, sin, mask=None) -> tuple[torch.Tensor, MoEStats | None]:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoELayer):
             if self.checkpointing == "moe" and torch.is_grad_enabled():
@@ -137,6 +146,8 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(m.max_seq_len, m.effective_head_dim, m.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # data.document_mask: attention inside each document, positions restarting after each end-of-document id.
+        self.document_eos = cfg.data.eos_id if cfg.data.document_mask else None
         self.init_weights(cfg.train.seed)
 
     @property
@@ -177,12 +188,15 @@ class Transformer(nn.Module):
                 f"sequence length {seq} exceeds model.max_seq_len={self.rope_cos.shape[0]}; "
                 "raise model.max_seq_len or shorten data.seq_len"
             )
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        cos, sin, mask = self.rope_cos[:seq], self.rope_sin[:seq], None
+        if self.document_eos is not None:
+            positions_BS, mask = document_layout(tokens_BS, self.document_eos)
+            cos, sin = self.rope_cos[positions_BS].unsqueeze(1), self.rope_sin[positions_BS].unsqueeze(1)
         x = self.embed(tokens_BS)
         all_stats, finite = [], []
         for index, block in enumerate(self.layers):
             faults.point("forward")
-            x, stats = block(x, cos, sin)
+            x, stats = block(x, cos, sin, mask)
             x = faults.corrupt_activation(x, index)
             finite.append(torch.isfinite(x.detach()).all())  # no sync: read only after a bad step
             if stats is not None:

@@ -30,7 +30,7 @@ from torch import nn
 from ..config import Config
 from ..moe import comm
 from ..moe.layer import MoELayer
-from ..moe.router import is_expert_parallel, mark_expert_parallel
+from ..moe.router import Routing, is_expert_parallel, mark_expert_parallel
 from .parallel import ParallelGroups
 
 
@@ -47,6 +47,7 @@ def shard_model(model: nn.Module, cfg: Config, groups: ParallelGroups) -> nn.Mod
     dense_policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32, cast_forward_inputs=False)
     fp32_policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
     force_sum = dist.get_backend() == "gloo"  # no PREMUL_SUM on gloo
+    _let_fsdp_find_routing_tensors()
 
     expert_names = {name for name, p in model.named_parameters() if is_expert_parallel(p)}
     _distribute_expert_parameters(model, mesh["ep"])
@@ -67,6 +68,22 @@ def shard_model(model: nn.Module, cfg: Config, groups: ParallelGroups) -> nn.Mod
         if name in expert_names:
             mark_expert_parallel(param)
     return model
+
+
+def _let_fsdp_find_routing_tensors() -> None:
+    """Make the router's output, a ``Routing`` dataclass, a pytree node.
+
+    FSDP2 gathers a resharded module's parameters again for backward in a hook on the gradients
+    of the module's output tensors. torch 2.11 finds those tensors with ``tree_flatten``
+    (``FSDPState._register_pre_backward_hook``), to which an unregistered dataclass is one opaque
+    leaf: the router got no hook, nothing waited for its rows' all-gather in backward, and at
+    ep=1, where the logits' matmul saved a view of the rows, backward read freed storage
+    ("setStorage: ... out of bounds for storage of size 0"). torch 2.13 looks inside dataclasses
+    by itself; registered, both versions hook the same tensors (logits and mixture weights)."""
+    from torch.utils import _pytree as pytree
+
+    if Routing not in pytree.SUPPORTED_NODES:
+        pytree.register_dataclass(Routing)
 
 
 def least_padding_placement(shards: int):

@@ -20,7 +20,8 @@ from ..moe import comm
 from ..moe.routing import gate_similarity_stats
 from .checkpoint import latest_checkpoint
 from .compile import compile_blocks
-from .data import GlobalBatchSampler, build_data
+from ..data import DataSplit, MixtureSampler, MixtureVal, PrefetchingView, data_from_config
+from ..data.mixing import GlobalBatchSampler
 from .metrics import MetricsWriter, ProgressBar
 from .model import Transformer
 from .numerics import set_numerics
@@ -101,8 +102,11 @@ def finish_step(window: LogWindow, done: int, lr: float, gatepro_on: bool, finit
         window.note(similarity=router_similarity(model))
     if done % t.eval_every == 0 or done == t.steps:
         evaluated = model if eval_model is None else eval_model
-        val_loss = evaluate(evaluated, data.val, cfg, groups, device)
-        window.note(val_loss=val_loss)
+        losses = evaluate_by_source(evaluated, data.val, cfg, groups, device)
+        val_loss = losses["val_loss"]
+        window.note(**losses)
+    if hasattr(data.train, "tokens_per_source"):  # a mixture: the training tokens each source gave so far
+        window.note(tokens_per_source=data.train.tokens_per_source(done))
     progress.update(done, loss=window.losses[-1], tokens_per_s=window.tokens / max(window.seconds, 1e-12))
     # Every rank agrees on the step to stop at (a MAX all-reduce of the signal flag).
     stop = (preemption.agreed(groups.world_group, comm.host_device(groups.world_group))
@@ -143,8 +147,23 @@ def router_similarity(model: Transformer) -> list[dict[str, float]]:
     return [dict(zip(keys, row)) for row in values]
 
 
+def evaluate_by_source(model, val, cfg: Config, groups: ParallelGroups, device) -> dict:
+    """``{"val_loss": ...}``; for held-out data of several sources also ``val_loss_per_source``
+    (each source's loss over its first ``eval_batches`` global batches), and ``val_loss`` is their
+    mean weighted by the sources' weights."""
+    if not isinstance(val, MixtureVal):
+        return {"val_loss": evaluate(model, val, cfg, groups, device)}
+    per_source = {name: evaluate(model, view, cfg, groups, device) for name, view in zip(val.names, val.views)}
+    total = sum(val.weights)
+    mean = sum(w * loss for w, loss in zip(val.weights, per_source.values())) / total
+    return {"val_loss": mean, "val_loss_per_source": per_source}
+
+
 def evaluate(model, val, cfg: Config, groups: ParallelGroups, device) -> float:
-    """Mean next-token loss over the first ``eval_batches`` global batches of the validation set."""
+    """Mean next-token loss over the first ``eval_batches`` global batches of the validation set
+    (of every source, weighted, when it holds several)."""
+    if isinstance(val, MixtureVal):
+        return evaluate_by_source(model, val, cfg, groups, device)["val_loss"]
     per_rank = max(1, cfg.train.global_batch_size // groups.world_size)
     total_blocks = len(val)
     model.eval()
@@ -163,10 +182,10 @@ def evaluate(model, val, cfg: Config, groups: ParallelGroups, device) -> float:
     return mean_over_world([sum(per_batch) / len(per_batch)], groups)[0]
 
 
-def load_data(cfg: Config):
-    """Train/validation views of the configured corpus (raises DataError on bad data)."""
-    return build_data(cfg.data.source, cfg.data.seq_len, cfg.data.val_fraction, vocab_size=cfg.model.vocab_size,
-                      bin_dtype=cfg.data.bin_dtype, max_bytes=cfg.data.max_bytes, tokenizer=cfg.data.tokenizer)
+def load_data(cfg: Config) -> DataSplit:
+    """Train/validation views of the configured corpus (raises DataError on bad data). With
+    ``data.document_mask`` it also settles ``cfg.data.eos_id`` (the source's own when unset)."""
+    return data_from_config(cfg)
 
 
 @dataclass
@@ -176,7 +195,7 @@ class RunSetup:
 
     run_dir: Path
     data: object
-    sampler: GlobalBatchSampler
+    sampler: GlobalBatchSampler | MixtureSampler
     model: Transformer
     cfg_dict: dict
     cfg_hash: str
@@ -188,7 +207,16 @@ def set_up_run(cfg: Config, groups: ParallelGroups, device, data=None) -> RunSet
     set_numerics(t, device)
     torch.manual_seed(t.seed)
     data = data if data is not None else load_data(cfg)
-    sampler = GlobalBatchSampler(len(data.train), t.global_batch_size, 1, 0, t.seed)
+    if cfg.data.document_mask and cfg.data.eos_id is None:  # views built by hand: their source's id
+        cfg.data.eos_id = getattr(data.train, "eos_id", None)
+        if cfg.data.eos_id is None:
+            raise ValueError("data.document_mask=true but neither data.eos_id nor the data source names an "
+                             "end-of-document id; set data.eos_id")
+    sampler = (data.train.make_sampler(t.global_batch_size, t.seed) if hasattr(data.train, "make_sampler")
+               else GlobalBatchSampler(len(data.train), t.global_batch_size, 1, 0, t.seed))
+    # The next micro-batches are read (and on CUDA pinned) by a background thread while this one trains.
+    data = DataSplit(PrefetchingView(data.train, sampler, lambda step: my_part(
+        sampler.global_batch(step), t.grad_accum, groups), pin=device.type == "cuda"), data.val)
     model = Transformer(cfg, groups.ep_group, groups.edp_group).to(device)
     if cfg.parallel.dp_shard != groups.dp_shard:
         raise ValueError(f"parallel.dp_shard={cfg.parallel.dp_shard} but the groups were built with "
