@@ -264,8 +264,8 @@ checkpoint=$(printf '%s/checkpoints/step_%08d' "$run_dir" "$stop_step")
 say "both nodes exited 75, checkpoint of step $stop_step ($(elapsed $t) s)"
 
 t=$SECONDS
-final=$((stop_step + 3))  # users may shorten train.steps on resume: end soon
-two_nodes -resumed "train.steps=$final"
+final=$((stop_step + 3))  # users may shorten train.steps on resume: end soon (a cosine schedule
+two_nodes -resumed "train.steps=$final" train.allow_schedule_change=true  # then needs the consent)
 nodes=("$tag-node0-resumed" "$tag-node1-resumed")
 wait_exited 300 "${nodes[@]}"
 save_logs "${nodes[@]}"

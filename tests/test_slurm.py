@@ -107,8 +107,9 @@ def test_preempted_job_checkpoints_requeues_itself_and_resumes(tmp_path, slurm):
         log = (tmp_path / "out.txt").read_text()
         stops.append(int(re.findall(r"preempted by SIG(?:TERM|USR1) after step (\d+)", log)[-1]))
         assert first + 2 <= stops[-1] == steps_done(run_dir)
-        if restart == 1:  # let the last run finish soon: users may change train.steps on resume
-            config.write_text(f"train: {{steps: {stops[-1] + 3}}}\n")
+        if restart == 1:  # let the last run finish soon: users may change train.steps on resume (a
+            # cosine schedule's past lrs then change, which needs train.allow_schedule_change)
+            config.write_text(f"train: {{steps: {stops[-1] + 3}, allow_schedule_change: true}}\n")
         # Slurm holds a requeued job for 120 s (BeginTime); lift that, as an admin could. Not within
         # the second of the requeue: slurmd would take the new credential for the revoked old one.
         time.sleep(2)
