@@ -102,3 +102,20 @@ def test_compile_blocks_keeps_parameter_names_and_leaves_moe_layers_eager(tmp_pa
         assert block._forward._torchdynamo_orig_callable == block.__class__._forward.__get__(block)
         assert block.ffn.forward._torchdynamo_disable
     assert not hasattr(type(model.layers[0].ffn).forward, "_torchdynamo_disable")  # the class is untouched
+
+
+def test_compile_benchmark_times_both_models_on_the_same_steps(tmp_path):
+    """gatepro-bench compile end to end on the tiny model (the ep=1 test's shapes: cached kernels);
+    timings are not asserted, only that each model ran every step."""
+    import torch
+
+    from gatepro_dist.experiments.bench.compile import measure
+    from test_trainer import TINY
+
+    threads = torch.get_num_threads()
+    try:
+        seconds = measure("1x1", None, [*TINY, "train.global_batch_size=4", f"train.run_dir={tmp_path}"], steps=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(seconds) == ["compiled", "compiled_cpu", "eager", "eager_cpu"]
+    assert all(len(values) == 3 and min(values) > 0 for values in seconds.values())

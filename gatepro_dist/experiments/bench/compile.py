@@ -8,7 +8,9 @@ training steps alternately (eager step, compiled step, ...): forward, backward w
 gradient reduction, clipping and AdamW, on the same batches. Alternating step by step makes a load
 change on the machine touch both equally. The first ``--warmup`` steps of each (the compiled
 model compiles in its first) are not timed; the table gives the median wall time per step of the
-slowest rank as steps/s, the compiled model's first step (compile included), and the speedup.
+slowest rank as steps/s, the speedup, the CPU seconds per step (this process's, all its threads;
+less sensitive than wall time to other work on a shared machine) and the compiled model's first
+step (compile included).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ LAYOUTS = {"1x1": (1, 1), "2x1": (2, 1), "2x2": (2, 2)}  # "processes x ep"
 
 
 def _time_steps(rank: int, world: int, config: str, overrides: list[str], steps: int) -> dict:
-    """One rank: step times of the eager and the compiled model, alternating."""
+    """One rank: wall and CPU seconds of each step of the eager and the compiled model, alternating."""
     import torch
 
     from ...config import load_config
@@ -42,10 +44,10 @@ def _time_steps(rank: int, world: int, config: str, overrides: list[str], steps:
         variant = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=compiled))
         setup = set_up_run(variant, groups, device, data)
         optimizer = adamw(param_groups(setup.model, cfg.train.weight_decay), cfg.train, device)
-        runs[compiled] = (setup.model, optimizer, gradient_sync(setup.model, groups), setup.sampler, [])
+        runs[compiled] = (setup.model, optimizer, gradient_sync(setup.model, groups), setup.sampler, [], [])
     for step in range(steps):
-        for model, optimizer, reducer, sampler, times in runs.values():
-            begin = time.perf_counter()
+        for model, optimizer, reducer, sampler, times, cpu_times in runs.values():
+            begin, cpu_begin = time.perf_counter(), time.process_time()
             (part,) = my_part(sampler.global_batch(step), 1, groups)
             inputs, targets = data.train.batch(part)
             _, loss, _ = micro_batch_loss(model, inputs, targets)
@@ -56,11 +58,13 @@ def _time_steps(rank: int, world: int, config: str, overrides: list[str], steps:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - begin)
-    return {"eager": runs[False][4], "compiled": runs[True][4]}
+            cpu_times.append(time.process_time() - cpu_begin)
+    return {"eager": runs[False][4], "compiled": runs[True][4], "eager_cpu": runs[False][5],
+            "compiled_cpu": runs[True][5]}
 
 
 def measure(layout: str, config: str, overrides: list[str], steps: int) -> dict[str, list[float]]:
-    """Per-step seconds of the slowest rank, eager and compiled."""
+    """Per-step seconds of the slowest rank: wall (``eager``, ``compiled``) and CPU (``*_cpu``)."""
     from ...cluster.spawn import run_on_ranks
 
     nproc, ep = LAYOUTS[layout]
@@ -73,7 +77,7 @@ def measure(layout: str, config: str, overrides: list[str], steps: int) -> dict[
         per_rank = [_time_steps(0, 1, config, overrides, steps)]
     else:
         per_rank = run_on_ranks(nproc, _time_steps, config, overrides, steps, threads=threads)
-    return {kind: [max(rank[kind][i] for rank in per_rank) for i in range(steps)] for kind in ("eager", "compiled")}
+    return {kind: [max(rank[kind][i] for rank in per_rank) for i in range(steps)] for kind in per_rank[0]}
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -89,13 +93,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         parser.error(f"--layouts {args.layouts!r}: choose from {sorted(LAYOUTS)}")
     if args.steps <= args.warmup:
         parser.error("--steps must exceed --warmup")
-    print(f"{'procs x ep':<11}{'eager steps/s':>15}{'compiled steps/s':>18}{'speedup':>9}{'first compiled step s':>23}")
+    print(f"{'procs x ep':<11}{'eager steps/s':>15}{'compiled steps/s':>18}{'speedup':>9}"
+          f"{'eager cpu s':>13}{'compiled cpu s':>16}{'cpu ratio':>11}{'1st compiled s':>16}")
     for layout in layouts:
         seconds = measure(layout, args.config, args.overrides, args.steps)
-        eager = 1 / statistics.median(seconds["eager"][args.warmup:])
-        compiled = 1 / statistics.median(seconds["compiled"][args.warmup:])
-        print(f"{layout:<11}{eager:>15.3f}{compiled:>18.3f}{compiled / eager:>8.2f}x{seconds['compiled'][0]:>23.1f}",
-              flush=True)
+        median = {kind: statistics.median(values[args.warmup:]) for kind, values in seconds.items()}
+        eager, compiled = 1 / median["eager"], 1 / median["compiled"]
+        print(f"{layout:<11}{eager:>15.3f}{compiled:>18.3f}{compiled / eager:>8.2f}x"
+              f"{median['eager_cpu']:>13.3f}{median['compiled_cpu']:>16.3f}"
+              f"{median['eager_cpu'] / median['compiled_cpu']:>10.2f}x{seconds['compiled'][0]:>16.1f}", flush=True)
     return 0
 
 
