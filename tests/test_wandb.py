@@ -1,17 +1,14 @@
 """metrics.wandb: a real training run leaves a W&B run whose scalars are metrics.jsonl's.
 
-The offline run is read back from its ``run-<id>.wandb`` file: W&B's transaction log, a leveldb-style
-log of ``wandb.proto`` ``Record`` messages (installed wandb 0.31 ships the protobuf classes but no
-Python reader of the log; its framing is read below and checked with its CRC).
+The offline run is read back from its ``run-<id>.wandb`` file (W&B's transaction log of
+``wandb.proto`` records) with ``read_transaction_log``, which checks every record's CRC.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import struct
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
@@ -20,42 +17,7 @@ from test_trainer import run_training, tiny_config
 from gatepro_dist.config import ConfigError
 from gatepro_dist.config_checks import validate
 from gatepro_dist.train.metrics import METRICS_FILE, MetricsWriter, flatten_scalars, read_metrics
-from gatepro_dist.train.wandb_run import RUN_ID_FILE, WANDB_DIR
-
-from wandb.proto import wandb_internal_pb2  # the wandb extra: tests/run.sh installs it
-
-BLOCK = 32768  # the log is cut into blocks of this size; a record never spans a block's last 6 bytes
-HEADER = struct.Struct("<IHB")  # crc32 (of the type byte, then the data), length, type
-FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
-
-
-def read_wandb_log(path: Path) -> list:
-    """Every ``Record`` of a ``.wandb`` file, in order."""
-    data = path.read_bytes()
-    ident, magic, version = struct.unpack("<4sHB", data[:7])
-    assert (ident, magic, version) == (b":W&B", 0xBEE1, 0), f"{path} is not a W&B transaction log"
-    records, pending, pos = [], b"", 7
-    while pos + HEADER.size <= len(data):
-        left = BLOCK - pos % BLOCK
-        if left < HEADER.size:  # the block's tail is padding
-            pos += left
-            continue
-        checksum, length, kind = HEADER.unpack_from(data, pos)
-        chunk = data[pos + HEADER.size: pos + HEADER.size + length]
-        pos += HEADER.size + length
-        if kind == 0 and length == 0:  # zero padding up to the block end
-            pos += BLOCK - pos % BLOCK if pos % BLOCK else 0
-            continue
-        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF == checksum, f"{path}: bad checksum"
-        if kind in (FULL, FIRST):
-            pending = chunk
-        else:
-            pending += chunk
-        if kind in (FULL, LAST):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-    return records
+from gatepro_dist.train.wandb_run import RUN_ID_FILE, WANDB_DIR, read_transaction_log as read_wandb_log
 
 
 def history_by_step(records) -> dict[int, dict[str, float]]:
@@ -135,6 +97,23 @@ def test_a_fresh_run_in_the_same_directory_gets_a_new_wandb_id(tmp_path):
     assert second_id != first_id
     assert sorted(path.name for path in offline_runs(tmp_path)) == sorted([f"run-{first_id}.wandb",
                                                                           f"run-{second_id}.wandb"])
+    for path in offline_runs(tmp_path):  # both complete when their writer closed
+        assert read_wandb_log(path)[-1].WhichOneof("record_type") == "exit"
+
+
+def test_the_log_reader_refuses_a_damaged_record(tmp_path):
+    writer = MetricsWriter(tmp_path, enabled=True, tensorboard=False, wandb="offline", config={})
+    writer.write({"step": 1, "loss": 2.5})
+    writer.close()
+    (path,) = offline_runs(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[20] ^= 0xFF  # inside the first record's data
+    damaged = tmp_path / "damaged.wandb"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        read_wandb_log(damaged)
+    with pytest.raises(ValueError, match="not a W&B transaction log"):
+        read_wandb_log(tmp_path / METRICS_FILE)
 
 
 def test_missing_wandb_fails_validation_with_the_install_line(tmp_path, monkeypatch):

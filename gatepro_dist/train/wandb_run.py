@@ -13,6 +13,12 @@ the run's), so ``WANDB_MODE``, ``WANDB_SILENT`` and ``WANDB_CONSOLE`` are set wh
 runs and every variable it changed, W&B's service token included, is put back afterwards: the
 caller's environment is the same before and after. Console capture is off (our progress line
 writes to stderr itself); offline, system metrics and machine probing are off too.
+
+W&B's service process writes a run's ``.wandb`` file when it closes the run's stream, which it does
+after ``run.finish()`` has returned (a process that exits without finishing leaves it empty). So an
+offline ``finish`` here waits, up to ``FLUSH_TIMEOUT_S``, until the file ends with the run's exit
+record: when the writer is closed, the offline run is on disk. ``read_transaction_log`` reads such a
+file (wandb ships the record classes, ``wandb.proto``; 0.31 ships no Python reader of the log).
 """
 from __future__ import annotations
 
@@ -20,6 +26,9 @@ import logging
 import os
 import secrets
 import string
+import struct
+import time
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,6 +36,7 @@ log = logging.getLogger(__name__)
 
 WANDB_DIR = "wandb"
 RUN_ID_FILE = "run_id"
+FLUSH_TIMEOUT_S = 60.0
 MISSING_WANDB = "metrics.wandb={mode!r} needs the wandb package, which is not installed; " \
                 "pip install 'gatepro_dist[wandb]' or set metrics.wandb=null"
 
@@ -78,9 +88,69 @@ class WandbRun:
         self._run.log(scalars, step=step)
 
     def finish(self) -> None:
-        if self._run is not None:
-            self._run.finish()
-            self._run = None
+        if self._run is None:
+            return
+        log_file = Path(self._run.settings.sync_file)
+        self._run.finish()
+        self._run = None
+        if self.mode == "offline" and not _wait_for_exit_record(log_file, FLUSH_TIMEOUT_S):
+            log.warning("W&B has not finished writing %s after %.0f s; it may still be completing",
+                        log_file, FLUSH_TIMEOUT_S)
+
+
+def _wait_for_exit_record(path: Path, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            records = read_transaction_log(path)
+        except (OSError, ValueError):  # not there yet, or caught mid-write
+            records = []
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+# W&B's transaction log: a leveldb-style log (32 KiB blocks of records, each with a CRC-32 of its
+# type byte and data, a length and a type; a message larger than its block is split into
+# first/middle/last parts) after a 7-byte file header, holding serialized wandb.proto Records.
+_LOG_HEADER = struct.Struct("<4sHB")  # b":W&B", magic 0xBEE1, version 0
+_RECORD_HEADER = struct.Struct("<IHB")  # crc32, length, type
+_BLOCK = 32768
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def read_transaction_log(path: str | os.PathLike) -> list:
+    """Every ``wandb.proto`` Record of a ``run-<id>.wandb`` file, in order; ValueError on a file that
+    is not one or a record whose checksum does not match. An unfinished last message is left out."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    if len(data) < _LOG_HEADER.size or _LOG_HEADER.unpack_from(data) != (b":W&B", 0xBEE1, 0):
+        raise ValueError(f"{path} is not a W&B transaction log")
+    records, pending, pos = [], b"", _LOG_HEADER.size
+    while pos + _RECORD_HEADER.size <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < _RECORD_HEADER.size:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        checksum, length, kind = _RECORD_HEADER.unpack_from(data, pos)
+        if kind == 0 and length == 0:  # zero padding to the end of the block
+            pos += left
+            continue
+        chunk = data[pos + _RECORD_HEADER.size: pos + _RECORD_HEADER.size + length]
+        if len(chunk) < length:
+            break  # the writer is mid-record
+        if zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != checksum:
+            raise ValueError(f"{path}: record at byte {pos} fails its checksum")
+        pos += _RECORD_HEADER.size + length
+        pending = chunk if kind in (_FULL, _FIRST) else pending + chunk
+        if kind in (_FULL, _LAST):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
 
 
 def _new_run_id(length: int = 8) -> str:
