@@ -32,6 +32,10 @@ def pytest_sessionstart(session):
         raise pytest.UsageError(
             "pytest-timeout is missing or disabled (-p no:timeout), so no test would time out: "
             "pip install pytest-timeout (bash tests/run.sh installs it)")
+    # The fake accelerator's device must exist for autograd before the suite's first backward.
+    from fake_accelerator import prime_autograd_engine
+
+    prime_autograd_engine()
 
 
 def _allowed(nodeid: str) -> bool:

@@ -377,3 +377,16 @@ def answer_zeros(tensor: torch.Tensor, frame: FrameType):
     """Zeros of the tensor's shape and dtype: a loss of 0, a finite flag, empty statistics."""
     return np.zeros(tuple(tensor.shape), dtype=np.float64 if tensor.dtype.is_floating_point else np.int64).tolist()
 
+
+
+def prime_autograd_engine() -> None:
+    """Run one backward on the fake device before any other backward of the process.
+
+    autograd starts its per-device worker queues at a process's first backward, sized by the device
+    counts it sees then; a device that appears later has no queue ("device_ready_queues_" internal
+    assert). The suite's first backward is usually a CPU one in another test, so ``tests/conftest.py``
+    calls this at session start, while the fake device counts one device."""
+    device = install()
+    with fake_tensors():
+        x = torch.ones(2, device=device, requires_grad=True)
+        (x * 2).sum().backward()
