@@ -99,16 +99,6 @@ class StepReadout:
     finite: bool  # loss and gradient norm finite on every rank
     layers: list[LayerNumbers]
 
-    @property
-    def moe(self) -> list[dict]:
-        """One metrics entry per MoE layer, of this step alone."""
-        return [numbers.entry(i) for i, numbers in enumerate(self.layers)]
-
-    def record(self, step_done: int, lr: float, gatepro_on: bool, tokens_per_s: float) -> dict:
-        """This step's metrics line (``metrics.jsonl``), the same for both engines."""
-        return {"step": step_done, "loss": self.loss, "lr": lr, "grad_norm": self.grad_norm,
-                "tokens_per_s": tokens_per_s, "gatepro": gatepro_on, "moe": self.moe}
-
 
 def read_step(loss_sum: torch.Tensor, grad_accum: int, grad_norm: torch.Tensor, step_stats: StepStats,
               groups: ParallelGroups) -> StepReadout:
