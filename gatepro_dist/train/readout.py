@@ -99,6 +99,11 @@ class StepReadout:
     finite: bool  # loss and gradient norm finite on every rank
     layers: list[LayerNumbers]
 
+    @property
+    def moe(self) -> list[dict]:
+        """One metrics entry per MoE layer, of this step alone."""
+        return [numbers.entry(i) for i, numbers in enumerate(self.layers)]
+
 
 def read_step(loss_sum: torch.Tensor, grad_accum: int, grad_norm: torch.Tensor, step_stats: StepStats,
               groups: ParallelGroups) -> StepReadout:
