@@ -95,6 +95,9 @@ class MoEConfig:
 class GateProConfig:
     enabled: bool = _f(True, "GatePro penalty on; with a schedule, the state before its first entry")
     penalty: float = _f(1e-4, "lambda subtracted from a losing expert's logit (the paper's 1e-4)")
+    mode: Literal["penalty", "mask"] = _f("penalty", "penalty: a loser's score drops by lambda (the paper's equations); mask: losers leave the token's top-k (its prose)")
+    pairing: Literal["similar", "random"] = _f("similar", "each expert's rival: its most similar expert, or a fixed seeded derangement (the placebo)")
+    space: Literal["logits", "probs"] = _f("logits", "compare and penalise logits, or softmax probabilities over all experts")
     schedule: list[tuple[int, bool]] = _f([], "[[step, on], ...] switches, e.g. [[0, true], [300, false]]")
 
     def enabled_at(self, step: int) -> bool:
@@ -113,6 +116,7 @@ class RouterConfig:
     z_loss_coef: float = _f(0.001, "router z-loss weight")
     normalize_topk: bool = _f(True, "mixture weights = softmax over the selected k only")
     init_std: Optional[float] = _f(None, "std of the router rows at init; null = 1/sqrt(d_model); 0 = all rows zero (every logit tied at step 0)")
+    logit_precision: Literal["fp32", "bf16", "bf16_fp32_penalty"] = _f("fp32", "router logits as computed (fp32), rounded through bf16 with the penalty in bf16, or rounded with the penalty in fp32 (emulated on any device)")
     check_pairs: bool = _f(False, "debug: verify GatePro pairings agree across EP ranks")
     gatepro: GateProConfig = _section(GateProConfig, "GatePro expert competition")
     bias: BiasConfig = _section(BiasConfig, "aux-loss-free load balancing")

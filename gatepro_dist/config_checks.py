@@ -69,6 +69,7 @@ def validate(cfg: Config, world_size: int) -> Config:
     _check_values(cfg)
     _check_shapes(cfg)
     _check_schedule(cfg.router.gatepro, cfg.moe.num_experts)
+    _check_reading(cfg.router)
     _check_world(cfg, world_size)
     _check_paths(cfg)
     _check_deepspeed(cfg, world_size)
@@ -155,6 +156,12 @@ def _check_schedule(gatepro: GateProConfig, num_experts: int) -> None:
     if can_be_on and num_experts < 2:
         raise _fail("moe.num_experts", num_experts, "leaves GatePro no expert to pair with",
                     "use moe.num_experts >= 2 or set router.gatepro.enabled=false")
+
+
+def _check_reading(router) -> None:
+    if router.gatepro.space == "probs" and router.bias.enabled:
+        raise _fail("router.gatepro.space", "probs", "cannot be combined with router.bias.enabled=true "
+                    "(the balancing bias is in logit units)", "set router.gatepro.space=logits or router.bias.enabled=false")
 
 
 def _check_world(cfg: Config, world_size: int) -> None:

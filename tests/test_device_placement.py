@@ -149,7 +149,7 @@ def test_similarity_stats_make_every_tensor_on_the_weights_device():
     """Crash 1: the off-diagonal mask was made on the CPU (fails on the old code with "Tensor on
     device meta is not on the expected device cpu")."""
     stats = gate_similarity_stats(torch.randn(8, 16).to(META))
-    assert set(stats) == {"mean_cos", "mean_nearest_cos", "mean_angle_deg", "spectral_entropy"}
+    assert set(stats) == {"mean_cos", "mean_abs_cos", "mean_nearest_cos", "mean_angle_deg", "spectral_entropy"}
     assert all(v.device == META and v.dim() == 0 for v in stats.values())
 
 

@@ -13,6 +13,15 @@ A sweep file is YAML:
     runs:                                # optional: extra runs listed one by one
       - {name: hot_swap, router.gatepro.schedule: [[0, true], [100, false]]}
 
+``arms:`` (optional) is a list of named settings crossed with the grid: every grid point runs every
+arm, named ``<arm>_<grid point>`` (``mask_seed=0``), grid points outermost, so seed 0 of every arm
+finishes before seed 1 starts:
+
+    grid: {train.seed: [0, 1, 2]}
+    arms:
+      - {name: baseline, router.gatepro.enabled: false}
+      - {name: mask, router.gatepro.mode: mask}
+
 ``archive: DIR`` (optional, relative to the sweep file) keeps a compact copy of each finished run's
 metrics (``DIR/<sweep name>/<run>.jsonl.gz``: every record without the per-expert token counts, which are the
 bulk) that can be committed: a run archived there counts as finished and is aggregated from it
@@ -91,7 +100,7 @@ def load_sweep(path: str | Path) -> Sweep:
         spec = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"sweep file {path} is not valid YAML ({err}); fix its syntax") from None
-    known = {"name", "base", "out_dir", "world", "overrides", "grid", "runs", "archive"}
+    known = {"name", "base", "out_dir", "world", "overrides", "grid", "arms", "runs", "archive"}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ConfigError(f"sweep file {path} has unknown key(s) {unknown}; use only {sorted(known)}")
@@ -102,7 +111,13 @@ def load_sweep(path: str | Path) -> Sweep:
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep grid axis {key} must be a non-empty list of values, got {values!r}")
-    runs = [_make_run(dict(zip(grid, combo)), world) for combo in itertools.product(*grid.values())] if grid else []
+    points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())] if grid else []
+    arms = [_arm(path, arm) for arm in spec.get("arms", []) or []]
+    if arms:
+        runs = [_make_run({**settings, **point}, world, name=f"{arm_name}_{_slug(point)}" if point else arm_name)
+                for point in points or [{}] for arm_name, settings in arms]
+    else:
+        runs = [_make_run(point, world) for point in points]
     for extra in spec.get("runs", []) or []:
         extra = dict(extra)
         runs.append(_make_run(extra, world, name=extra.pop("name", None)))
@@ -122,6 +137,14 @@ def load_sweep(path: str | Path) -> Sweep:
         except ConfigError as err:
             raise ConfigError(f"sweep run '{run.name}': {err}") from None
     return sweep
+
+
+def _arm(path: Path, arm) -> tuple[str, dict]:
+    if not isinstance(arm, dict) or not isinstance(arm.get("name"), str):
+        raise ConfigError(f"sweep file {path}: every entry of arms needs a name, got {arm!r}; "
+                          "write arms as a list of {name: ..., key: value, ...}")
+    settings = dict(arm)
+    return settings.pop("name"), settings
 
 
 def run_config(sweep: Sweep, run: Run):

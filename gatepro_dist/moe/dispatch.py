@@ -49,6 +49,7 @@ class DispatchPlan:
     dropped_tokens: torch.Tensor  # assignments dropped by capacity in the EP group
     gatepro_penalised: torch.Tensor
     gatepro_topk_changed: torch.Tensor
+    partner_co_selected: torch.Tensor
 
     @property
     def drops_here(self) -> bool:
@@ -72,7 +73,7 @@ def plan_dispatch(
     ep_group=None,
     capacity_factor: float | None = None,
     drop_policy: str = "position",
-    gatepro_counts: tuple[torch.Tensor, torch.Tensor] | None = None,
+    gatepro_counts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> DispatchPlan:
     """Exchange counts and decide which rows go where. Collective over ``ep_group``.
 
@@ -89,19 +90,19 @@ def plan_dispatch(
     device = experts_TK.device
     if gatepro_counts is None:
         no_count = torch.zeros((), dtype=torch.long, device=device)
-        gatepro_counts = (no_count, no_count)
+        gatepro_counts = (no_count, no_count, no_count)
 
     expert_A = experts_TK.reshape(-1)
     tokens_per_expert_local_N = count_per_expert(expert_A, num_experts)
     # One small all-gather tells every rank everything it needs: counts, batch sizes, GatePro stats.
     # (full, not torch.tensor([...], device=...): a fill kernel instead of a host-to-device copy.)
-    header_3 = torch.stack([
+    header_4 = torch.stack([
         torch.full((), num_tokens, dtype=torch.long, device=device),
         *(c.to(torch.long).reshape(()) for c in gatepro_counts),
     ])
-    gathered_RC = comm.all_gather_counts(torch.cat([tokens_per_expert_local_N, header_3]), ep_group)
+    gathered_RC = comm.all_gather_counts(torch.cat([tokens_per_expert_local_N, header_4]), ep_group)
     counts_RN = gathered_RC[:, :num_experts]
-    header_R3 = gathered_RC[:, num_experts:]
+    header_R4 = gathered_RC[:, num_experts:]
     tokens_per_expert_N = counts_RN.sum(0)
 
     # Stable sort by expert keeps token order inside each expert.
@@ -147,10 +148,11 @@ def plan_dispatch(
         tokens_per_local_expert=recv_RE.sum(0),
         rows_per_local_expert=rows_per_local_expert,
         tokens_per_expert=tokens_per_expert_N,
-        total_tokens=header_R3[:, 0].sum(),
+        total_tokens=header_R4[:, 0].sum(),
         dropped_tokens=dropped,
-        gatepro_penalised=header_R3[:, 1].sum(),
-        gatepro_topk_changed=header_R3[:, 2].sum(),
+        gatepro_penalised=header_R4[:, 1].sum(),
+        gatepro_topk_changed=header_R4[:, 2].sum(),
+        partner_co_selected=header_R4[:, 3].sum(),
     )
 
 

@@ -29,6 +29,10 @@ class MoESpec:
     grouped_gemm: bool = True
     gatepro: bool = True
     penalty: float = 1e-4
+    gatepro_mode: str = "penalty"  # the reading of GatePro (moe/competition.py)
+    gatepro_pairing: str = "similar"
+    gatepro_space: str = "logits"
+    logit_precision: str = "fp32"
     normalize_topk: bool = True
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
@@ -75,8 +79,9 @@ class MoEStats:
     z_loss: torch.Tensor  # router z-loss (this rank's tokens; differentiable)
     loss: torch.Tensor  # aux_loss_coef * aux_loss + z_loss_coef * z_loss: add it to the objective
     dropped_tokens: torch.Tensor  # (token, expert) assignments dropped by capacity
-    gatepro_penalised: torch.Tensor  # (token, expert) entries that received the penalty
-    gatepro_topk_changed: torch.Tensor  # tokens whose expert set the penalty changed
+    gatepro_penalised: torch.Tensor  # (token, expert) entries that lost to their rival (penalised or masked)
+    gatepro_topk_changed: torch.Tensor  # tokens whose expert set the competition changed
+    partner_co_selected: torch.Tensor  # tokens whose set holds an expert and its most similar one
     expert_rows_max: torch.Tensor  # most rows one of this rank's experts computed (<= capacity when set)
     routing_margin: torch.Tensor  # routing.routing_margin_counts of this rank's tokens (not summed over ranks)
     rows_sent: int = 0  # this rank's token rows dispatched to experts on other ranks
@@ -107,6 +112,8 @@ class MoELayer(nn.Module):
             gatepro_enabled=spec.gatepro, penalty=spec.penalty, normalize_topk=spec.normalize_topk,
             bias_enabled=spec.bias_enabled, bias_update_rate=spec.bias_update_rate,
             check_pairs=spec.check_pairs, init_std=spec.router_init_std, ep_group=ep_group,
+            mode=spec.gatepro_mode, pairing=spec.gatepro_pairing, space=spec.gatepro_space,
+            logit_precision=spec.logit_precision,
         )
         self.experts = GroupedExperts(
             spec.num_experts // ep_size, spec.hidden_size, spec.expert_ffn_dim,
@@ -137,7 +144,7 @@ class MoELayer(nn.Module):
         plan = plan_dispatch(
             routing.experts_TK, routing.weights_TK, self.spec.num_experts, self.ep_group,
             self.spec.capacity_factor, self.spec.drop_policy,
-            (routing.gatepro_penalised, routing.gatepro_topk_changed),
+            (routing.gatepro_penalised, routing.gatepro_topk_changed, routing.partner_co_selected),
         )
         counts = _GlobalCounts.of(plan, self.balance_group)
         rows_MD = dispatch(in_compute_dtype(x_TD), plan, self.ep_group)
@@ -162,6 +169,7 @@ class MoELayer(nn.Module):
             dropped_tokens=counts.dropped_tokens,
             gatepro_penalised=counts.gatepro_penalised,
             gatepro_topk_changed=counts.gatepro_topk_changed,
+            partner_co_selected=counts.partner_co_selected,
             rows_sent=sum(plan.input_splits) - plan.input_splits[comm.group_rank(self.ep_group)],
             rows_received=sum(plan.output_splits) - plan.output_splits[comm.group_rank(self.ep_group)],
             expert_rows_max=plan.tokens_per_local_expert.amax(),
@@ -190,6 +198,7 @@ class _GlobalCounts:
     dropped_tokens: torch.Tensor
     gatepro_penalised: torch.Tensor
     gatepro_topk_changed: torch.Tensor
+    partner_co_selected: torch.Tensor
 
     @classmethod
     def of(cls, plan, balance_group) -> "_GlobalCounts":
@@ -198,7 +207,8 @@ class _GlobalCounts:
         One all-reduce of the packed counts, left on the device: nothing here waits for it
         (the balance loss consumes it as a tensor, the trainer reads it once per step).
         """
-        scalars = [plan.total_tokens, plan.dropped_tokens, plan.gatepro_penalised, plan.gatepro_topk_changed]
+        scalars = [plan.total_tokens, plan.dropped_tokens, plan.gatepro_penalised, plan.gatepro_topk_changed,
+                   plan.partner_co_selected]
         if comm.group_size(balance_group) == 1:
             return cls(plan.tokens_per_expert, *scalars)
         packed = torch.cat([plan.tokens_per_expert, torch.stack(scalars)])

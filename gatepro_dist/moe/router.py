@@ -7,6 +7,7 @@ tensor, so every rank of the EP group makes the same competition decisions.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -17,13 +18,13 @@ from torch import nn
 
 from ..cluster import faults
 from . import comm
+from .competition import Competition, compete, partner_co_selected, random_derangement, round_logits
 from .routing import (
-    check_penalty,
+    TopK,
     check_top_k,
-    gatepro_delta,
+    mixture_weights,
     most_similar_expert,
     routing_margin_counts,
-    select_top_k,
     top_k_experts,
     topk_set_changed,
 )
@@ -33,13 +34,14 @@ from .routing import (
 class Routing:
     """What the router decided for this rank's tokens."""
 
-    logits_TN: torch.Tensor  # raw fp32 logits, differentiable (aux and z losses use these)
+    logits_TN: torch.Tensor  # fp32 logits at the router's precision, differentiable (aux and z losses use these)
     experts_TK: torch.Tensor  # selected global expert ids
     weights_TK: torch.Tensor  # fp32 mixture weights, differentiable
     # Statistics stay 0-dim long tensors on the logits' device: reading them here would make the
     # host wait for the router at every layer; the trainer reads a step's statistics at once.
-    gatepro_penalised: torch.Tensor  # (token, expert) entries that received the penalty, this rank
+    gatepro_penalised: torch.Tensor  # (token, expert) entries that lost to their rival (penalised or masked), this rank
     gatepro_topk_changed: torch.Tensor  # tokens whose selected set differs from plain top-k, this rank
+    partner_co_selected: torch.Tensor  # tokens whose set holds an expert and its most similar one, this rank
     margin_counts: torch.Tensor  # routing_margin_counts of this rank's tokens (how close each k-th choice was)
 
 
@@ -63,12 +65,13 @@ def seeded_rows(num_rows: int, first_row: int, shape: tuple[int, ...], std: floa
 
 
 class GateProRouter(nn.Module):
-    """Bias-free linear gate + (optional) GatePro penalty + top-k.
+    """Bias-free linear gate + (optional) GatePro competition + top-k.
 
     ``gatepro_enabled`` is a plain attribute: flip it at any step (hot swap). With it off, or with
-    penalty 0, the router is exactly plain top-k routing. ``expert_bias`` is the optional
-    aux-loss-free balancing bias (DeepSeek-V3): it steers selection only and is updated by
-    ``update_bias`` outside backward.
+    penalty 0 in penalty mode, the router is exactly plain top-k routing (on logits at its
+    precision). ``competition`` says which reading of GatePro runs (``competition.py``).
+    ``expert_bias`` is the optional aux-loss-free balancing bias (DeepSeek-V3): it steers
+    selection only and is updated by ``update_bias`` outside backward.
     """
 
     def __init__(
@@ -85,10 +88,14 @@ class GateProRouter(nn.Module):
         check_pairs: bool = False,
         init_std: float | None = None,
         ep_group=None,
+        mode: str = "penalty",
+        pairing: str = "similar",
+        space: str = "logits",
+        logit_precision: str = "fp32",
     ):
         super().__init__()
         check_top_k(top_k, num_experts)
-        check_penalty(penalty)
+        self.competition = Competition(mode, pairing, space, penalty, logit_precision)
         ep_size = comm.group_size(ep_group)
         if num_experts % ep_size:
             raise ValueError(
@@ -96,7 +103,7 @@ class GateProRouter(nn.Module):
                 "choose num_experts as a multiple of the expert-parallel size"
             )
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
-        self.gatepro_enabled, self.penalty = gatepro_enabled, penalty
+        self.gatepro_enabled = gatepro_enabled
         self.normalize_topk, self.check_pairs = normalize_topk, check_pairs
         self.bias_enabled, self.bias_update_rate = bias_enabled, bias_update_rate
         if init_std is not None and not (math.isfinite(init_std) and init_std >= 0):
@@ -109,7 +116,18 @@ class GateProRouter(nn.Module):
             nn.Parameter(torch.empty(self.num_local_experts, hidden_size))
         )
         self.register_buffer("expert_bias", torch.zeros(num_experts))
+        # The placebo's fixed rivals (pairing "random"), made by reset_parameters from its seed:
+        # not saved (the seed remakes them), moved with the module to its device.
+        self.register_buffer("random_rival", None, persistent=False)
         self.reset_parameters(seed=0)
+
+    @property
+    def penalty(self) -> float:
+        return self.competition.penalty
+
+    @penalty.setter
+    def penalty(self, value: float) -> None:
+        self.competition = dataclasses.replace(self.competition, penalty=value)
 
     def reset_parameters(self, seed: int) -> None:
         """Rows ~ N(0, init_std^2), drawn per global row (a shard equals the full tensor's rows).
@@ -125,6 +143,8 @@ class GateProRouter(nn.Module):
             self.weight.copy_(
                 seeded_rows(self.num_local_experts, self.first_expert, (self.hidden_size,), self.init_std, seed)
             )
+        if self.competition.pairing == "random":
+            self.random_rival = random_derangement(self.num_experts, seed).to(self.expert_bias.device)
 
     def gathered_weight(self) -> torch.Tensor:
         """The [N, D] weight for this forward: the EP group's rows, all-gathered (differentiable).
@@ -152,30 +172,35 @@ class GateProRouter(nn.Module):
                 f"{self.hidden_size}; pass tokens of the model's d_model"
             )
         gate_weight_ND = self.gathered_weight()
-        # fp32 on purpose: in bf16, l - 1e-4 == l for |l| > ~0.05 and GatePro would vanish.
+        rule = self.competition
+        # fp32 on purpose: in bf16, l - 1e-4 == l for |l| > ~0.05 and GatePro would vanish
+        # (router.logit_precision emulates exactly that, to measure it).
         with _autocast_off(x_TD.device.type):
-            logits_TN = faults.skew_logits(x_TD.float() @ gate_weight_ND.float().t())
+            logits_TN = round_logits(faults.skew_logits(x_TD.float() @ gate_weight_ND.float().t()), rule.precision)
         bias_N = self.expert_bias if self.bias_enabled else None
         scores_TN = logits_TN if bias_N is None else logits_TN.detach() + bias_N.float()
         margins = routing_margin_counts(scores_TN, self.top_k, self.penalty)
+        similar_N = most_similar_expert(gate_weight_ND)  # the pairs GatePro names, whether it acts or not
+        plain_experts_TK = top_k_experts(logits_TN, self.top_k, bias_N)
 
-        if not (self.gatepro_enabled and self.penalty > 0):
-            plain = select_top_k(logits_TN, self.top_k, bias_N, self.normalize_topk)
+        if not rule.acts(self.gatepro_enabled):
+            plain = TopK(plain_experts_TK, mixture_weights(logits_TN, plain_experts_TK, self.normalize_topk))
             none = torch.zeros((), dtype=torch.long, device=logits_TN.device)
-            return Routing(logits_TN, plain.experts_TK, plain.weights_TK, none, none, margins)
+            return Routing(logits_TN, plain.experts_TK, plain.weights_TK, none, none,
+                           partner_co_selected(plain.experts_TK, similar_N), margins)
 
-        rival_N = most_similar_expert(gate_weight_ND)
+        rival_N = similar_N if rule.pairing == "similar" else self.random_rival
         if self.check_pairs:
             assert_same_on_all_ranks(rival_N, self.ep_group)
-        delta_TN = gatepro_delta(logits_TN, rival_N, self.penalty)
-        chosen = select_top_k(logits_TN + delta_TN, self.top_k, bias_N, self.normalize_topk)
-        plain_experts_TK = top_k_experts(logits_TN, self.top_k, bias_N)  # only for the statistic
+        decision = compete(logits_TN, rival_N, rule, self.top_k, bias_N, self.normalize_topk)
+        chosen = decision.chosen
         return Routing(
             logits_TN,
             chosen.experts_TK,
             chosen.weights_TK,
-            torch.count_nonzero(delta_TN),
+            decision.losers,
             topk_set_changed(chosen.experts_TK, plain_experts_TK).sum(),
+            partner_co_selected(chosen.experts_TK, similar_N),
             margins,
         )
 

@@ -180,11 +180,15 @@ def select_top_k(
     Ties in top-k go to the lowest expert index, so selections are reproducible.
     """
     experts_TK = top_k_experts(scores_TN, top_k, selection_bias_N)
+    return TopK(experts_TK, mixture_weights(scores_TN, experts_TK, normalize))
+
+
+def mixture_weights(scores_TN: torch.Tensor, experts_TK: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """The selected experts' weights (fp32, differentiable): the softmax of ``scores`` over the
+    selected k (``normalize``), or the selected entries of the softmax over all experts."""
     if normalize:
-        weights_TK = torch.softmax(scores_TN.gather(1, experts_TK), dim=1)
-    else:
-        weights_TK = torch.softmax(scores_TN, dim=1).gather(1, experts_TK)
-    return TopK(experts_TK, weights_TK)
+        return torch.softmax(scores_TN.gather(1, experts_TK), dim=1)
+    return torch.softmax(scores_TN, dim=1).gather(1, experts_TK)
 
 
 def top_k_experts(
@@ -269,6 +273,7 @@ def gate_similarity_stats(gate_weight: torch.Tensor) -> dict[str, torch.Tensor]:
     p_log_p = torch.where(p > 0, p * p.clamp_min(1e-300).log(), torch.zeros_like(p))
     return {
         "mean_cos": similarity_NN.where(off_diag_NN, 0.0).sum() / pairs,
+        "mean_abs_cos": similarity_NN.abs().where(off_diag_NN, 0.0).sum() / pairs,  # the paper's "average cosine"
         "mean_nearest_cos": nearest_N.mean() if n > 1 else similarity_NN.new_full((), float("nan")),
         "mean_angle_deg": angles_NN.where(off_diag_NN, 0.0).sum() / pairs,
         "spectral_entropy": -p_log_p.sum(),

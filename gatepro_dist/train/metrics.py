@@ -9,11 +9,14 @@ One record per logged step, one JSON object per line of ``<run_dir>/metrics.json
      "gatepro": true, "val_loss": 3.0,                       # val_loss only on eval steps
      "moe": [{"layer": 0, "zero_token_experts": 3, "max_load": 120, "mean_load": 64.0,
               "aux_loss": 1.01, "z_loss": 2.3, "dropped_tokens": 0,
-              "gatepro_penalised": 40, "gatepro_topk_changed": 2,
+              "gatepro_penalised": 40, "gatepro_topk_changed": 2,  # losers; tokens whose set changed
+              "partner_co_selection": 0.3,  # share of tokens with an expert and its most similar one
+              "dead_experts": 5,  # experts with < 0.1/N of the assignments over the last 10 steps
               "tokens_per_expert": [...N ints...],
               "routing_margin": {"tokens": 2048, "tied": 0.0, "below_penalty": 0.001,
                                  "p10": .., "p50": .., "p90": .., "below": {"1e-6": .., ..}},
-              "similarity": {"mean_cos": .., "mean_angle_deg": .., "spectral_entropy": ..}},
+              "similarity": {"mean_cos": .., "mean_abs_cos": .., "mean_angle_deg": ..,
+                             "spectral_entropy": .., "mean_nearest_cos": ..}},
              ...]}                                           # similarity only on some steps
 
 The file is opened in append mode so a resumed run continues it; ``truncate_after(resume_step)``

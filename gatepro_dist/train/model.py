@@ -93,7 +93,9 @@ def moe_spec(cfg: Config) -> MoESpec:
         expert_ffn_dim=m.expert_ffn_dim, num_shared_experts=m.num_shared_experts,
         shared_expert_ffn_dim=m.shared_expert_ffn_dim, shared_expert_gate=m.shared_expert_gate,
         capacity_factor=m.capacity_factor, drop_policy=m.drop_policy, grouped_gemm=m.grouped_gemm,
-        gatepro=r.gatepro.enabled_at(0), penalty=r.gatepro.penalty, normalize_topk=r.normalize_topk,
+        gatepro=r.gatepro.enabled_at(0), penalty=r.gatepro.penalty, gatepro_mode=r.gatepro.mode,
+        gatepro_pairing=r.gatepro.pairing, gatepro_space=r.gatepro.space, logit_precision=r.logit_precision,
+        normalize_topk=r.normalize_topk,
         aux_loss_coef=r.aux_loss_coef, z_loss_coef=r.z_loss_coef, bias_enabled=r.bias.enabled,
         bias_update_rate=r.bias.update_rate, check_pairs=r.check_pairs, router_init_std=r.init_std,
     )

@@ -9,6 +9,7 @@ averaged, so a line with ``log_every=5`` describes five steps, not the fifth alo
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,23 @@ from ..moe import comm
 from ..moe.layer import MoEStats
 from ..moe.routing import margin_summary
 from .parallel import ParallelGroups
+
+# A layer's summed counts, in the order StepStats stacks them.
+COUNTED = ("dropped", "penalised", "changed", "assignments", "co_selected", "tokens")
+# An expert is dead when its share of a layer's assignments over the last DEAD_WINDOW steps is
+# below DEAD_SHARE / num_experts: unlike the zero-token count, this does not depend on the batch
+# size (an expert with a 1% share is "used" at 2,048 tokens a step and at 10^6).
+DEAD_WINDOW = 10
+DEAD_SHARE = 0.1
+
+
+def dead_experts(counts_per_step) -> int:
+    """Experts whose share of the assignments summed over ``counts_per_step`` (one list of
+    per-expert counts per step) is below ``DEAD_SHARE / num_experts``; all of them when nothing
+    was assigned. Exact in integers: share < 0.1 / N  <=>  10 * count * N < total."""
+    totals = [sum(column) for column in zip(*counts_per_step)]
+    total, n = sum(totals), len(totals)
+    return sum(round(1 / DEAD_SHARE) * count * n < total for count in totals) if total else n
 
 
 class StepStats:
@@ -35,7 +53,7 @@ class StepStats:
         if self.layers is None:
             self.layers = [dict(counts=torch.zeros_like(s.tokens_per_expert),
                                 losses=torch.zeros(2, dtype=torch.float64, device=s.tokens_per_expert.device),
-                                counted=torch.zeros(4, dtype=torch.long, device=s.tokens_per_expert.device),
+                                counted=torch.zeros(len(COUNTED), dtype=torch.long, device=s.tokens_per_expert.device),
                                 rows_max=torch.zeros((), dtype=torch.long, device=s.tokens_per_expert.device),
                                 margin=torch.zeros_like(s.routing_margin))
                            for s in stats]
@@ -43,7 +61,7 @@ class StepStats:
             acc["counts"] += s.tokens_per_expert
             acc["losses"] += torch.stack([s.aux_loss.detach(), s.z_loss.detach()]).to(torch.float64)
             acc["counted"] += torch.stack([s.dropped_tokens, s.gatepro_penalised, s.gatepro_topk_changed,
-                                           s.tokens_per_expert.sum()])
+                                           s.tokens_per_expert.sum(), s.partner_co_selected, s.total_tokens])
             acc["rows_max"] = torch.maximum(acc["rows_max"], s.expert_rows_max)
             acc["margin"] += s.routing_margin
         self.micro_batches += 1
@@ -60,6 +78,8 @@ class LayerNumbers:
     penalised: int
     changed: int
     assignments: int
+    co_selected: int  # tokens whose set held an expert and its most similar partner
+    tokens: int
     rows_max: int  # the maximum over steps
     margin: list[int]  # routing-margin histogram counts
     steps: int = 1
@@ -73,6 +93,8 @@ class LayerNumbers:
         self.penalised += other.penalised
         self.changed += other.changed
         self.assignments += other.assignments
+        self.co_selected += other.co_selected
+        self.tokens += other.tokens
         self.rows_max = max(self.rows_max, other.rows_max)
         self.steps += other.steps
 
@@ -85,7 +107,8 @@ class LayerNumbers:
             "aux_loss": self.aux_loss / self.steps, "z_loss": self.z_loss / self.steps,
             "dropped_tokens": self.dropped, "drop_rate": self.dropped / max(self.assignments, 1),
             "expert_rows_max": self.rows_max, "gatepro_penalised": self.penalised,
-            "gatepro_topk_changed": self.changed, "tokens_per_expert": counts,
+            "gatepro_topk_changed": self.changed, "partner_co_selection": self.co_selected / max(self.tokens, 1),
+            "tokens_per_expert": counts,
             "routing_margin": margin_summary(self.margin),
         }
 
@@ -137,15 +160,18 @@ def read_step(loss_sum: torch.Tensor, grad_accum: int, grad_norm: torch.Tensor, 
     margin_width = layers[0]["margin"].numel() if layers else 0
     margins, (norm, *rest) = rest[: margin_width * len(layers)], rest[margin_width * len(layers):]
     rows_max, rest = rest[: len(layers)], rest[len(layers):]
-    counted, rest = rest[: 4 * len(layers)], rest[4 * len(layers):]
+    width = len(COUNTED)
+    counted, rest = rest[: width * len(layers)], rest[width * len(layers):]
     out = []
     for i, acc in enumerate(layers):
         num_experts = acc["counts"].numel()
-        dropped, penalised, changed, assignments = (int(v) for v in counted[4 * i:4 * i + 4])
+        dropped, penalised, changed, assignments, co_selected, tokens = (
+            int(v) for v in counted[width * i:width * (i + 1)])
         out.append(LayerNumbers(
             counts=[int(c) for c in rest[i * num_experts:(i + 1) * num_experts]],
             aux_loss=losses_L2[2 * i] / groups.world_size, z_loss=losses_L2[2 * i + 1] / groups.world_size,
             dropped=dropped, penalised=penalised, changed=changed, assignments=assignments,
+            co_selected=co_selected, tokens=tokens,
             rows_max=int(rows_max[i]), margin=[int(v) for v in margins[i * margin_width:(i + 1) * margin_width]]))
     loss /= groups.world_size
     return StepReadout(loss, norm, math.isfinite(loss) and bad_grad_ranks == 0, out)
@@ -164,6 +190,8 @@ class LogWindow:
     ``zero_token_experts`` counts the experts that got no token in the whole window).
     ``steps_in_line`` appears when a line covers more than one step. What was measured at a step
     that writes no line (an evaluation, the router similarity) is ``note``d and goes on the next.
+    ``dead_experts`` is over the last ``DEAD_WINDOW`` steps added, whatever the window (fewer
+    right after a start or a resume).
     """
 
     log_every: int = 1
@@ -174,6 +202,7 @@ class LogWindow:
     tokens: float = 0.0
     seconds: float = 0.0
     phases: dict = field(default_factory=dict)  # phase -> seconds summed over the window (None: unknown)
+    recent: deque = field(default_factory=lambda: deque(maxlen=DEAD_WINDOW))  # per step: each layer's counts
 
     def add(self, readout: StepReadout, tokens: float, seconds: float, phases: dict | None = None) -> None:
         for phase, value in (phases or {}).items():
@@ -183,6 +212,7 @@ class LogWindow:
         self.norms.append(readout.grad_norm)
         self.tokens += tokens
         self.seconds += seconds
+        self.recent.append([numbers.counts for numbers in readout.layers])
         if self.layers is None:
             self.layers = [LayerNumbers(**vars(numbers)) for numbers in readout.layers]
         else:
@@ -203,6 +233,8 @@ class LogWindow:
         line.update({phase: None if value is None else value / steps for phase, value in self.phases.items()})
         if steps > 1:
             line["steps_in_line"] = steps
+        for layer, entry in enumerate(line["moe"]):
+            entry["dead_experts"] = dead_experts([step[layer] for step in self.recent])
         for entry, similarity in zip(line["moe"], self.notes.pop("similarity", [])):
             entry["similarity"] = similarity
         line.update(self.notes)
