@@ -212,3 +212,19 @@ def test_partner_co_selection_counts_tokens_holding_an_expert_and_its_partner():
 def test_an_unknown_reading_is_refused_with_the_choices(bad):
     with pytest.raises(ValueError, match="pick one of them|penalty must be"):
         Competition(**bad)
+
+
+def test_the_readings_are_config_keys_checked_before_any_work():
+    from gatepro_dist.config import ConfigError, load_config
+    from gatepro_dist.config_checks import validate
+
+    cfg = load_config("configs/quickstart.yaml", ["router.gatepro.mode=mask", "router.gatepro.pairing=random",
+                                                  "router.gatepro.space=probs", "router.logit_precision=bf16"])
+    assert (cfg.router.gatepro.mode, cfg.router.gatepro.pairing, cfg.router.gatepro.space,
+            cfg.router.logit_precision) == ("mask", "random", "probs", "bf16")
+    with pytest.raises(ConfigError, match="router.gatepro.mode.*penalty.*mask"):
+        load_config("configs/quickstart.yaml", ["router.gatepro.mode=hard"])
+    with pytest.raises(ConfigError, match="router.logit_precision"):
+        load_config("configs/quickstart.yaml", ["router.logit_precision=fp16"])
+    with pytest.raises(ConfigError, match="space.*router.bias.enabled=false"):
+        validate(load_config("configs/quickstart.yaml", ["router.gatepro.space=probs", "router.bias.enabled=true"]), 2)

@@ -51,6 +51,31 @@ def layer_syncs(ep_group, balance_group, rank: int) -> dict[str, tuple[int, int,
     return out
 
 
+READINGS = {  # GatePro's readings (moe/competition.py) other than the default
+    "mask-similar": dict(gatepro_mode="mask"),
+    "mask-random-probs-bf16": dict(gatepro_mode="mask", gatepro_pairing="random", gatepro_space="probs",
+                                   logit_precision="bf16"),
+    "penalty-probs-bf16_fp32_penalty": dict(gatepro_space="probs", logit_precision="bf16_fp32_penalty"),
+    "penalty-random-bf16": dict(gatepro_pairing="random", logit_precision="bf16"),
+}
+
+
+@pytest.mark.parametrize("reading", READINGS)
+def test_every_reading_of_gatepro_reads_the_host_as_the_default_does(reading):
+    """The readings and the new statistics (partner co-selection, the placebo's rivals) add no read."""
+    for capacity, expected in ((None, (0, 0)), (1.0, (1, 0))):
+        spec = MoESpec(hidden_size=16, num_experts=8, top_k=2, expert_ffn_dim=12, penalty=0.05,
+                       capacity_factor=capacity, **READINGS[reading])
+        layer = MoELayer(spec)
+        x = torch.randn(24, 16, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        with count_host_syncs() as forward:
+            y, stats = layer(x)
+        with count_host_syncs() as backward:
+            (y.square().sum() + stats.loss).backward()
+        assert int(stats.gatepro_penalised) > 0 and int(stats.partner_co_selected) >= 0  # the reading ran
+        assert (sum(forward.values()), sum(backward.values())) == expected
+
+
 def test_layer_at_ep1_reads_the_host_only_for_capacity_splits():
     counts = layer_syncs(None, None, 0)
     # Dropless at ep=1 every assignment stays: the split sizes are known without a read.

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from gatepro_dist.config import ConfigError
-from gatepro_dist.experiments.sweep import load_sweep
+from gatepro_dist.experiments.sweep import load_sweep, run_config
 from gatepro_dist.experiments.sweep_report import BASE_COLUMNS, RESULT_COLUMNS, SEED_STATS, aggregate, summarize_run
 from gatepro_dist.train.metrics import read_metrics
 from plots import assert_curve, assert_drawn, band_range, capture_figures, curves
@@ -220,3 +220,19 @@ def test_a_list_valued_axis_is_summarised_over_seeds(tmp_path):
     assert [g["router.gatepro.schedule"] for g in groups] == ["[[0, true], [2, false]]", "[[0, true], [3, false]]"]
     assert [g["seeds"] for g in groups] == ["2", "2"]
     assert [float(g["final_val_loss_mean"]) for g in groups] == [pytest.approx(2.5)] * 2
+
+
+def test_arms_are_crossed_with_the_grid_seed_by_seed(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(f"name: arms\nout_dir: {tmp_path / 'out'}\nworld: 1\noverrides: [{', '.join(TINY)}]\n"
+                    "grid:\n  train.seed: [0, 1]\n"
+                    "arms:\n  - {name: baseline, router.gatepro.enabled: false}\n"
+                    "  - {name: mask, router.gatepro.mode: mask, router.gatepro.pairing: random}\n")
+    sweep = load_sweep(path)
+    assert [r.name for r in sweep.runs] == ["baseline_seed=0", "mask_seed=0", "baseline_seed=1", "mask_seed=1"]
+    mask_1 = run_config(sweep, sweep.runs[3])
+    assert (mask_1.router.gatepro.mode, mask_1.router.gatepro.pairing, mask_1.train.seed) == ("mask", "random", 1)
+    assert run_config(sweep, sweep.runs[0]).router.gatepro.enabled is False
+    path.write_text(path.read_text() + "  - {router.gatepro.mode: mask}\n")
+    with pytest.raises(ConfigError, match="every entry of arms needs a name"):
+        load_sweep(path)

@@ -18,7 +18,12 @@ CSV columns (``summary.csv`` in the sweep's out_dir, one row per finished run):
   first_below_penalty and final_below_penalty (share of tokens whose k-th and (k+1)-th selection
   scores are closer than GatePro's penalty, i.e. the decisions it could change, at the first and
   last logged step, averaged over layers), gatepro_changed_fraction (gatepro_topk_changed over
-  the tokens routed, all steps and layers).
+  the tokens routed, all steps and layers), final_dead_experts (experts with less than 0.1/N of
+  the assignments over the last 10 steps, at the last step, averaged over layers: unlike the
+  zero-token count it does not depend on the batch size), mean_partner_co_selection (share of
+  tokens whose top-k holds an expert and its most similar partner, averaged over steps and
+  layers), final_mean_abs_cos (the mean absolute cosine of the router rows, the paper's "average
+  cosine similarity", last record, averaged over layers). Columns a run does not log are empty.
 
 When ``train.seed`` is an axis, runs that differ only in their seed form a group, and
 ``summary_over_seeds.csv`` holds one row per group: group, <the other axis keys>, seeds (runs in
@@ -51,10 +56,12 @@ RESULT_COLUMNS = ["steps", "final_loss", "final_val_loss", "best_val_loss", "mea
                   "first_step_all_experts_used", "final_mean_cos", "gatepro_on_steps",
                   "final_mean_angle_deg", "final_spectral_entropy", "gatepro_penalised",
                   "gatepro_topk_changed", "all_experts_used_from_step", "mean_zero_token_experts", "mean_loss_last10pct",
-                  "first_below_penalty", "final_below_penalty", "gatepro_changed_fraction"]
+                  "first_below_penalty", "final_below_penalty", "gatepro_changed_fraction",
+                  "final_dead_experts", "mean_partner_co_selection", "final_mean_abs_cos"]
 SEED_STATS = ["final_val_loss", "mean_loss_last10pct", "final_zero_token_experts",
               "mean_zero_token_experts", "mean_zero_token_experts_last10pct", "final_mean_cos",
-              "final_spectral_entropy", "gatepro_topk_changed", "final_below_penalty"]
+              "final_spectral_entropy", "gatepro_topk_changed", "final_below_penalty",
+              "final_dead_experts", "mean_partner_co_selection", "final_mean_abs_cos"]
 SIMILARITY_STATS = {"mean_cos": "mean cosine similarity", "spectral_entropy": "spectral entropy of S"}
 
 
@@ -111,7 +118,16 @@ def summarize_run(records: list[dict]) -> dict:
         "first_below_penalty": mean_below_penalty(with_margin[0]) if with_margin else "",
         "final_below_penalty": mean_below_penalty(with_margin[-1]) if with_margin else "",
         "gatepro_changed_fraction": "" if changed_fraction is None else changed_fraction,
+        "final_dead_experts": (sum(l["dead_experts"] for l in last["moe"]) / len(last["moe"])
+                               if last.get("moe") and all("dead_experts" in l for l in last["moe"]) else ""),
+        "mean_partner_co_selection": _mean_or_blank([l["partner_co_selection"] for r in records
+                                                     for l in r.get("moe", []) if "partner_co_selection" in l]),
+        "final_mean_abs_cos": similarity("mean_abs_cos"),
     }
+
+
+def _mean_or_blank(values: list[float]):
+    return statistics.fmean(values) if values else ""
 
 
 def _group_key(row: dict, axis_keys: list[str]) -> tuple:

@@ -24,6 +24,7 @@ selection only). Shapes in names: T tokens, N experts, K = top_k.
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -77,17 +78,18 @@ def round_logits(logits_TN: torch.Tensor, precision: str) -> torch.Tensor:
 def random_derangement(num_experts: int, seed: int) -> torch.Tensor:
     """A seeded permutation of range(num_experts) with no fixed point: expert i's placebo rival.
 
-    Uniform over derangements (a permutation drawn until none is fixed: e^-1 of draws succeed).
+    Uniform over derangements (a shuffle drawn until none is fixed: e^-1 of draws succeed).
     The same ``seed`` gives the same pairs on every rank; on the CPU (a buffer of the router moves
     it to the device once)."""
     if num_experts < 2:
         raise ValueError(f"random pairing needs at least 2 experts, got {num_experts}; use moe.num_experts >= 2")
-    gen = torch.Generator().manual_seed(seed)
-    identity = torch.arange(num_experts)
+    # Drawn in Python, not with tensor ops: the values are checked for fixed points, which a model
+    # built under a default device or a fake tensor mode could not read.
+    rng, perm = random.Random(seed), list(range(num_experts))
     while True:
-        perm = torch.randperm(num_experts, generator=gen)
-        if not bool((perm == identity).any()):
-            return perm
+        rng.shuffle(perm)
+        if all(rival != expert for expert, rival in enumerate(perm)):
+            return torch.tensor(perm, dtype=torch.long, device="cpu")
 
 
 def loses_to_rival(scores_TN: torch.Tensor, rival_N: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ Plots (written into RUN_DIR, linked from report.md by relative path):
 
 Vertical dashed lines mark the steps where the GatePro schedule switched it on or off.
 Record fields read: step, loss, val_loss, tokens_per_s, gatepro, and in each ``moe`` entry:
-layer, zero_token_experts, tokens_per_expert, similarity.mean_cos.
+layer, zero_token_experts, dead_experts, partner_co_selection, tokens_per_expert, similarity.mean_cos.
 """
 
 from __future__ import annotations
@@ -142,6 +142,8 @@ class RunSummary:
     gatepro_switches: list[tuple[int, bool]] = field(default_factory=list)
     final_margin: dict[int, dict] = field(default_factory=dict)  # per layer: routing_margin of the last step
     topk_changed_fraction: float | None = None  # tokens whose set GatePro changed / tokens routed, all steps
+    final_dead_experts: dict[int, int] = field(default_factory=dict)  # per layer, last step (last 10 steps' shares)
+    partner_co_selection: dict[int, float] = field(default_factory=dict)  # per layer, mean over the logged steps
 
 
 def summarize(records: list[dict]) -> RunSummary:
@@ -179,7 +181,15 @@ def summarize(records: list[dict]) -> RunSummary:
         gatepro_switches=_gatepro_switches(records),
         final_margin=dict(sorted(final_margin.items())),
         topk_changed_fraction=gatepro_changed_fraction(records),
+        final_dead_experts={m.get("layer", i): int(m["dead_experts"]) for i, m in enumerate(last_moe)
+                            if "dead_experts" in m},
+        partner_co_selection=_mean_per_layer(records, "partner_co_selection"),
     )
+
+
+def _mean_per_layer(records: list[dict], name: str) -> dict[int, float]:
+    """``name`` of each MoE layer, averaged over the records that carry it."""
+    return {layer: float(np.mean(values)) for layer, (_, values) in sorted(_layer_series(records, name).items())}
 
 
 def mean_below_penalty(record: dict) -> float | None:
@@ -230,6 +240,10 @@ def _summary_table(s: RunSummary) -> str:
             for layer, m in s.final_margin.items()) or "—"),
         ("tokens whose experts GatePro changed", "—" if s.topk_changed_fraction is None
          else f"{s.topk_changed_fraction:.3g} of tokens routed, over all steps and layers"),
+        ("dead experts, last step (share < 0.1/N over its last 10 steps)", ", ".join(
+            f"layer {layer}: {count}" for layer, count in s.final_dead_experts.items()) or "—"),
+        ("tokens with an expert and its most similar partner (mean over steps)", ", ".join(
+            f"layer {layer}: {share:.1%}" for layer, share in s.partner_co_selection.items()) or "—"),
     ]
     return "\n".join(["| | |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows])
 
