@@ -29,7 +29,7 @@ from ..train.report import gatepro_changed_fraction
 from .paired_stats import curve_area, excluded_effects, paired_interval
 from .sweep import is_complete, load_sweep, run_config, run_records
 from .sweep_report import plot_band
-from .when_report import THRESHOLD, _fmt, _write_csv, final_val_loss, steps_to_threshold
+from .when_report import THRESHOLD, fmt, write_csv, final_val_loss, steps_to_threshold
 
 SWEEPS = ("ladder_init0", "ladder_default_init", "ladder_precision", "ladder_slow", "ladder_late")
 TAIL_STEPS = 100  # "the last 100 steps" of a run
@@ -230,10 +230,10 @@ def markdown(counts: dict[str, int | None], rows: list[dict], paired: list[dict]
         lines += ["| metric | layer | n | arm | control | difference | mean ± SD | 95% CI | excludes 0 | the interval excludes |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for row in of_it:
-            interval = "pending" if row["ci_low"] is None else f"[{_fmt(row['ci_low'])}, {_fmt(row['ci_high'])}]"
-            spread = "" if row["sd"] is None else f" ± {_fmt(row['sd'])}"
-            lines.append(f"| {labels[row['metric']].label} | {row['layer']} | {row['n']} | {_fmt(row['arm_mean'])} | "
-                         f"{_fmt(row['control_mean'])} | {row['difference']} | {_fmt(row['mean_diff'])}{spread} | "
+            interval = "pending" if row["ci_low"] is None else f"[{fmt(row['ci_low'])}, {fmt(row['ci_high'])}]"
+            spread = "" if row["sd"] is None else f" ± {fmt(row['sd'])}"
+            lines.append(f"| {labels[row['metric']].label} | {row['layer']} | {row['n']} | {fmt(row['arm_mean'])} | "
+                         f"{fmt(row['control_mean'])} | {row['difference']} | {fmt(row['mean_diff'])}{spread} | "
                          f"{interval} | {'—' if row['ci_low'] is None else 'yes' if row['excludes_zero'] else 'no'} | "
                          f"{row['excluded']} |")
         lines.append("")
@@ -302,8 +302,8 @@ def build(configs: Path, out: Path) -> dict[str, int | None]:
     out.mkdir(parents=True, exist_ok=True)
     rows = run_rows(finished)
     paired = paired_rows(rows)
-    _write_csv(out / "runs.csv", rows)
-    _write_csv(out / "paired.csv", paired)
+    write_csv(out / "runs.csv", rows)
+    write_csv(out / "paired.csv", paired)
     (out / "summary.md").write_text(markdown(counts, rows, paired))
     plots(out, plot_groups(finished))
     return counts

@@ -93,20 +93,20 @@ def _experts(sweep: Sweep, run: Run) -> int:
     return run_config(sweep, run).moe.num_experts
 
 
-def _fmt(value) -> str:
+def fmt(value) -> str:
     if value is None:
         return ""
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict]) -> None:
     if not rows:
         path.unlink(missing_ok=True)
         return
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows({k: _fmt(v) for k, v in row.items()} for row in rows)
+        writer.writerows({k: fmt(v) for k, v in row.items()} for row in rows)
 
 
 def _label(init: str, gatepro: bool, aux: float) -> str:
@@ -137,7 +137,7 @@ def build(configs: Path, out: Path) -> dict[str, int]:
                          "idle_at_end": statistics.fmean(m["zero_token_experts"] for m in records[-1]["moe"]),
                          "first_below_penalty": mean_below_penalty(next(r for r in records if r.get("moe"))),
                          "gatepro_changed_fraction": gatepro_changed_fraction(records)})
-    _write_csv(out / "steps_to_threshold.csv", rows)
+    write_csv(out / "steps_to_threshold.csv", rows)
 
     paired = []
     for row in rows:
@@ -151,7 +151,7 @@ def build(configs: Path, out: Path) -> dict[str, int]:
         paired.append({"init": row["init"], "aux_loss_coef": row["aux_loss_coef"], "seed": row["seed"], "steps": row["steps"],
                        **{f"{k}_gatepro": row[k] for k in layer_keys}, **{f"{k}_baseline": base[k] for k in layer_keys},
                        "val_loss_gatepro": row["final_val_loss"], "val_loss_baseline": base["final_val_loss"]})
-    _write_csv(out / "paired.csv", paired)
+    write_csv(out / "paired.csv", paired)
 
     lam = []
     # λ = 0 is the baseline of the same seed (GatePro off): the reference for the other rows.
@@ -172,7 +172,7 @@ def build(configs: Path, out: Path) -> dict[str, int]:
                     "gatepro_changed_fraction": gatepro_changed_fraction(records),
                     **{f"layer{i}": steps_to_threshold(records, i, experts, for_good=True) for i in range(layers)},
                     "final_val_loss": final_val_loss(records)})
-    _write_csv(out / "lambda.csv", lam)
+    write_csv(out / "lambda.csv", lam)
 
     swap = []
     controls = [(r, rec) for r, rec in done["when_init0"] if _axis(r, "router.aux_loss_coef") == 0.01]
@@ -190,7 +190,7 @@ def build(configs: Path, out: Path) -> dict[str, int]:
                                                          for r in records if r.get("moe")),
                      **{f"layer{i}": steps_to_threshold(records, i, experts, for_good=True) for i in range(layers)}})
     swap.sort(key=lambda row: (row["gatepro"], row["seed"]))
-    _write_csv(out / "hotswap.csv", swap)
+    write_csv(out / "hotswap.csv", swap)
 
     _plots(out, curves, lam_runs)
     counts = {name: len(runs) for name, runs in done.items()}
@@ -225,7 +225,7 @@ def _paired_tables(paired: list[dict], prefix: str, what: str) -> list[str]:
     for row in paired:
         cells = [f"{_steps_text(row[f'{k}_gatepro'])} / {_steps_text(row[f'{k}_baseline'])}" for k in layers]
         lines.append(f"| {row['aux_loss_coef']} | {row['seed']} | " + " | ".join(cells)
-                     + f" | {_fmt(row['val_loss_gatepro'])} / {_fmt(row['val_loss_baseline'])} |")
+                     + f" | {fmt(row['val_loss_gatepro'])} / {fmt(row['val_loss_baseline'])} |")
     lines += ["", "Mean over seeds of (baseline − GatePro) steps, and the seeds where GatePro got there first:", "",
               "| balance loss | seeds | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(layers)]
     for aux in sorted({row["aux_loss_coef"] for row in paired}, reverse=True):
@@ -257,9 +257,9 @@ def _markdown(counts: dict[str, int], paired: list[dict], default: list[dict], l
                   "|---|---|---|---|---|---|---|---|"]
         for row in sorted(default, key=lambda r: (-r["aux_loss_coef"], r["seed"], not r["gatepro"])):
             lines.append(f"| {'on' if row['gatepro'] else 'off'} | {row['aux_loss_coef']} | {row['seed']} | "
-                         f"{_fmt(row['first_below_penalty'])} | "
-                         f"{_fmt(row['gatepro_changed_fraction'])} | {_layer_steps(row)} | {_fmt(row['idle_at_end'])} | "
-                         f"{_fmt(row['final_val_loss'])} |")
+                         f"{fmt(row['first_below_penalty'])} | "
+                         f"{fmt(row['gatepro_changed_fraction'])} | {_layer_steps(row)} | {fmt(row['idle_at_end'])} | "
+                         f"{fmt(row['final_val_loss'])} |")
         lines.append("")
     if lam:
         lines += ["λ at router init 0 (balance loss 0.01, seed 0; λ = 0 is GatePro off):", "",
@@ -267,9 +267,9 @@ def _markdown(counts: dict[str, int], paired: list[dict], default: list[dict], l
                   f"step from which < {THRESHOLD:.0%} of experts idle, layers {_layer_range(lam)} | final val loss |",
                   "|---|---|---|---|---|"]
         for row in lam:
-            lines.append(f"| {row['label']} | {_fmt(row['below_penalty_step1'])} / {_fmt(row['below_penalty_step100'])}"
-                         f" / {_fmt(row['below_penalty_last'])} | {_fmt(row['gatepro_changed_fraction'])} | "
-                         f"{_layer_steps(row)} | {_fmt(row['final_val_loss'])} |")
+            lines.append(f"| {row['label']} | {fmt(row['below_penalty_step1'])} / {fmt(row['below_penalty_step100'])}"
+                         f" / {fmt(row['below_penalty_last'])} | {fmt(row['gatepro_changed_fraction'])} | "
+                         f"{_layer_steps(row)} | {fmt(row['final_val_loss'])} |")
         lines.append("")
     if swap:
         lines += ["Hot swap at router init 0 (balance loss 0.01):", "",
@@ -277,8 +277,8 @@ def _markdown(counts: dict[str, int], paired: list[dict], default: list[dict], l
                   f"step from which < {THRESHOLD:.0%} of experts idle, layers {_layer_range(swap)} |",
                   "|---|---|---|---|---|---|"]
         for row in swap:
-            lines.append(f"| {row['gatepro']} | {row['seed']} | {_fmt(row['final_val_loss'])} | "
-                         f"{_fmt(row['loss_last10pct'])} | {_fmt(row['zero_token_mean'])} | {_layer_steps(row)} |")
+            lines.append(f"| {row['gatepro']} | {row['seed']} | {fmt(row['final_val_loss'])} | "
+                         f"{fmt(row['loss_last10pct'])} | {fmt(row['zero_token_mean'])} | {_layer_steps(row)} |")
         lines.append("")
     return "\n".join(lines)
 
