@@ -93,6 +93,18 @@ def test_dry_run_prints_one_torchrun_command_per_multi_process_run(tmp_path):
     assert len(lines) == 2 and "torch.distributed.run" not in lines[0] and "--nproc-per-node=2" in lines[1]
 
 
+def test_only_runs_the_runs_whose_names_match(tmp_path):
+    sweep = write_sweep(tmp_path, "  train.seed: [0, 1, 2]\n  router.gatepro.enabled: [true, false]\n")
+    proc = subprocess.run([sys.executable, "-m", "gatepro_dist.cli.sweep", sweep, "--dry-run",
+                           "--only", "seed=1*", "--only", "seed=2_enabled=false"], capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and len(lines) == 3
+    assert all("train.seed=1" in line for line in lines[:2]) and "train.seed=2" in lines[2]
+    none = subprocess.run([sys.executable, "-m", "gatepro_dist.cli.sweep", sweep, "--only", "mask*"],
+                          capture_output=True, text=True)
+    assert none.returncode == 2 and "no run of tiny matches --only mask*" in none.stderr
+
+
 def fake_records(steps: int, zero_token: list[int], val_loss: float, mean_cos: float, changed: int) -> list[dict]:
     """Metrics records of a 2-layer run: similarity on even steps, validation on the last."""
     records = []

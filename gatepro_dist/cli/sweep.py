@@ -4,6 +4,8 @@
     gatepro-sweep configs/sweeps/gatepro_vs_baseline.yaml --dry-run    # print the commands only
     gatepro-sweep configs/sweeps/gatepro_vs_baseline.yaml --slurm      # submit a Slurm array job
     gatepro-sweep configs/sweeps/gatepro_vs_baseline.yaml --aggregate  # summary.csv + plots only
+    gatepro-sweep configs/sweeps/ladder_init0.yaml --only 'mask_seed=*' --only 'baseline_seed=*'
+                                                  # only the runs whose names match (shell patterns)
 
 Runs that already reached their last step are skipped, so running the command again continues an
 interrupted sweep; with ``archive:`` in the sweep file, finished runs are also kept in compact form
@@ -15,6 +17,8 @@ aggregate then adds summary_over_seeds.csv/.md (mean ± std over seeds per combi
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import fnmatch
 import shlex
 import subprocess
 import sys
@@ -54,12 +58,24 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--slurm", action="store_true", help="write and submit a Slurm array job")
     mode.add_argument("--aggregate", action="store_true", help="only aggregate finished runs")
     parser.add_argument("--sbatch-arg", action="append", default=[], help="extra #SBATCH line, repeatable")
+    parser.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                        help="run only the runs whose names match this shell pattern (repeatable; "
+                             "the summary still holds every finished run)")
     args = parser.parse_args(argv)
     try:
         sweep = load_sweep(args.sweep)
     except ConfigError as err:
         print(f"gatepro-sweep: error: {err}", file=sys.stderr)
         return 2
+    if args.only:
+        chosen = tuple(run for run in sweep.runs if any(fnmatch.fnmatchcase(run.name, p) for p in args.only))
+        if not chosen:
+            print(f"gatepro-sweep: error: no run of {sweep.name} matches --only {' '.join(args.only)}; "
+                  f"the runs are {', '.join(run.name for run in sweep.runs)}", file=sys.stderr)
+            return 2
+        full, sweep = sweep, dataclasses.replace(sweep, runs=chosen)
+    else:
+        full = sweep
 
     commands = [shlex.join(train_command(sweep, run, sys.executable)) for run in sweep.runs]
     if args.dry_run:
@@ -94,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             archive_run(sweep, run)
     else:
-        for run in sweep.runs:
-            archive_run(sweep, run)
-    path = aggregate(sweep)
+        for run in full.runs:
+            archive_run(full, run)
+    path = aggregate(full)
     print(f"summary: {path}")
     over_seeds = path.with_name("summary_over_seeds.md")
     if over_seeds.is_file():
