@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .comm import GLOO_HAS_REDUCE_SCATTER
+from .dispatch import HEADER_FIELDS
 
 FP32, BF16, INT64 = 4, 2, 8
 ACTIVATION_BYTES = {"fp32": FP32, "bf16": BF16}  # by train.dtype: what the token all-to-all carries
@@ -38,7 +39,7 @@ class LayerComm:
         received = self.expected_remote_rows() if rows_received is None else rows_received
         router = n * d * FP32
         grad_factor = 2 if self.backend == "gloo" and not GLOO_HAS_REDUCE_SCATTER else 1  # see comm.py
-        counts = (n + 3) * INT64 * (ep - 1) + (n // ep) * INT64 * (ep - 1)
+        counts = (n + HEADER_FIELDS) * INT64 * (ep - 1) + (n // ep) * INT64 * (ep - 1)
         if self.capacity is not None:
             counts += n * self.capacity * (FP32 + INT64) * (ep - 1) + INT64 * (ep - 1)  # + tokens per rank
         return {

@@ -57,6 +57,11 @@ class DispatchPlan:
         return self.send_assignment_S.numel() < self.row_of_assignment_A.numel()
 
 
+# What each rank adds to its per-expert counts in the count exchange: its token count and its
+# router's three statistics (losers, changed sets, partner co-selections).
+HEADER_FIELDS = 4
+
+
 def count_per_expert(expert_A: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[N] how many entries of ``expert_A`` name each expert (long, on its device).
 
@@ -96,13 +101,13 @@ def plan_dispatch(
     tokens_per_expert_local_N = count_per_expert(expert_A, num_experts)
     # One small all-gather tells every rank everything it needs: counts, batch sizes, GatePro stats.
     # (full, not torch.tensor([...], device=...): a fill kernel instead of a host-to-device copy.)
-    header_4 = torch.stack([
+    header_H = torch.stack([
         torch.full((), num_tokens, dtype=torch.long, device=device),
         *(c.to(torch.long).reshape(()) for c in gatepro_counts),
     ])
-    gathered_RC = comm.all_gather_counts(torch.cat([tokens_per_expert_local_N, header_4]), ep_group)
+    gathered_RC = comm.all_gather_counts(torch.cat([tokens_per_expert_local_N, header_H]), ep_group)
     counts_RN = gathered_RC[:, :num_experts]
-    header_R4 = gathered_RC[:, num_experts:]
+    header_RH = gathered_RC[:, num_experts:]
     tokens_per_expert_N = counts_RN.sum(0)
 
     # Stable sort by expert keeps token order inside each expert.
@@ -148,11 +153,11 @@ def plan_dispatch(
         tokens_per_local_expert=recv_RE.sum(0),
         rows_per_local_expert=rows_per_local_expert,
         tokens_per_expert=tokens_per_expert_N,
-        total_tokens=header_R4[:, 0].sum(),
+        total_tokens=header_RH[:, 0].sum(),
         dropped_tokens=dropped,
-        gatepro_penalised=header_R4[:, 1].sum(),
-        gatepro_topk_changed=header_R4[:, 2].sum(),
-        partner_co_selected=header_R4[:, 3].sum(),
+        gatepro_penalised=header_RH[:, 1].sum(),
+        gatepro_topk_changed=header_RH[:, 2].sum(),
+        partner_co_selected=header_RH[:, 3].sum(),
     )
 
 
