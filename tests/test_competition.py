@@ -228,3 +228,7 @@ def test_the_readings_are_config_keys_checked_before_any_work():
         load_config("configs/quickstart.yaml", ["router.logit_precision=fp16"])
     with pytest.raises(ConfigError, match="space.*router.bias.enabled=false"):
         validate(load_config("configs/quickstart.yaml", ["router.gatepro.space=probs", "router.bias.enabled=true"]), 2)
+
+
+def test_a_layer_of_one_expert_has_no_partner_to_co_select():
+    assert int(partner_co_selected(torch.zeros(5, 1, dtype=torch.long), None)) == 0

@@ -74,6 +74,9 @@ class StandInNccl(dist.ProcessGroup):
     def all_gather_single(self, out, inp, opts):
         return self._check("all_gather", out, inp)
 
+    def _allgather_base(self, out, inp, opts):  # what torch < 2.13's all_gather_into_tensor calls
+        return self._check("all_gather", out, inp)
+
     def reduce_scatter_single(self, out, inp, opts):
         return self._check("reduce_scatter", out, inp)
 

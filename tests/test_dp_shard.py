@@ -173,13 +173,15 @@ def _bf16_gathers(rank: int, world: int, run_dir: str) -> dict:
     from gatepro_dist.train.engine import train
     from gatepro_dist.train.parallel import build_parallel_groups
 
-    gathers, real_all_gather = [], dist.all_gather_single
+    # FSDP calls all_gather_single from torch 2.13 on, all_gather_into_tensor before
+    name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+    gathers, real_all_gather = [], getattr(dist, name)
 
     def recording_all_gather(output, input, *args, **kwargs):  # notes, then runs the real collective
         gathers.append((input.dtype, input.numel()))
         return real_all_gather(output, input, *args, **kwargs)
 
-    dist.all_gather_single = recording_all_gather
+    setattr(dist, name, recording_all_gather)
     cfg = tiny_config(run_dir, "train.steps=2", "train.save_every=1000", "train.dtype=bf16", "parallel.ep=2",
                       FSDP, world_size=world)
     losses = train(cfg, build_parallel_groups(2, "cpu", True), log=lambda *_: None).losses

@@ -141,9 +141,12 @@ def _penalise(values_TN: torch.Tensor, losers_TN: torch.Tensor, penalty: float, 
     return values_TN + losers_TN.to(torch.float32) * (-float(penalty))
 
 
-def partner_co_selected(experts_TK: torch.Tensor, partner_N: torch.Tensor) -> torch.Tensor:
+def partner_co_selected(experts_TK: torch.Tensor, partner_N: torch.Tensor | None) -> torch.Tensor:
     """0-dim long: tokens whose selected set holds some expert together with its partner
-    (``partner_N[i]``, e.g. its most similar expert): the redundancy GatePro is said to prevent."""
+    (``partner_N[i]``, e.g. its most similar expert): the redundancy GatePro is said to prevent.
+    ``None`` (a layer of one expert, which has no partner): 0."""
+    if partner_N is None:
+        return torch.zeros((), dtype=torch.long, device=experts_TK.device)
     selected_TN = torch.zeros(experts_TK.shape[0], partner_N.numel(), dtype=torch.bool, device=experts_TK.device)
     selected_TN.scatter_(1, experts_TK, True)
     return (selected_TN & selected_TN.index_select(1, partner_N)).any(dim=1).sum()

@@ -180,7 +180,9 @@ class GateProRouter(nn.Module):
         bias_N = self.expert_bias if self.bias_enabled else None
         scores_TN = logits_TN if bias_N is None else logits_TN.detach() + bias_N.float()
         margins = routing_margin_counts(scores_TN, self.top_k, self.penalty)
-        similar_N = most_similar_expert(gate_weight_ND)  # the pairs GatePro names, whether it acts or not
+        # The pairs GatePro names, whether it acts or not (one expert has no partner: GatePro cannot
+        # be on then, and no token can hold a pair).
+        similar_N = most_similar_expert(gate_weight_ND) if self.num_experts > 1 else None
         plain_experts_TK = top_k_experts(logits_TN, self.top_k, bias_N)
 
         if not rule.acts(self.gatepro_enabled):
