@@ -12,6 +12,8 @@
 # (default 300 s) is how long a finished job stays visible; `sbatch --wait` polls after 2, 8, 32 s,
 # growing the interval only while it is under MIN_JOB_AGE/2, so MIN_JOB_AGE=10 makes it poll faster.
 set -euo pipefail
+# The daemons and runuser live in the system directories, which a user's PATH (or `env -i`) may lack.
+PATH="$PATH:/usr/sbin:/sbin"
 
 die() { echo "local_slurm.sh: error: $*" >&2; exit 1; }
 
