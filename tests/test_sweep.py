@@ -25,23 +25,25 @@ def write_sweep(tmp_path, grid: str, extra: str = "") -> str:
 
 
 @pytest.mark.slow
-def test_sweep_runs_every_config_and_writes_one_csv_row_per_run(tmp_path, monkeypatch):
+def test_sweep_runs_every_config_writes_one_csv_row_per_run_and_finishes_from_its_archive(tmp_path, monkeypatch):
     # One 2-process run (torchrun) beside the 1-process grid: the world axis and the throughput plot
-    # against world size need two sizes, not a second 2-process run with GatePro off.
+    # against world size need two sizes. It is also the hot-swap run (GatePro off after step 2), so
+    # three launches cover both. Then the sweep in pieces across sessions: the archive (committed) is
+    # all that survives a machine, and the summary is rebuilt from it alone.
     sweep = write_sweep(tmp_path, "  router.gatepro.enabled: [true, false]\n",
-                        "runs:\n  - {name: swap, router.gatepro.schedule: [[0, true], [2, false]]}\n"
-                        "  - {name: world2, world: 2}\n")
+                        "runs:\n  - {name: swap_world2, world: 2, router.gatepro.schedule: [[0, true], [2, false]]}\n"
+                        f"archive: {tmp_path / 'archive'}\n")
     proc = subprocess.run([sys.executable, "-m", "gatepro_dist.cli.sweep", sweep],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     with open(tmp_path / "out" / "summary.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4
+    assert len(rows) == 3
     assert list(rows[0]) == BASE_COLUMNS + ["router.gatepro.enabled", "router.gatepro.schedule"] + RESULT_COLUMNS
-    assert {r["run"] for r in rows} == {"enabled=true", "enabled=false", "swap", "world2"}
-    assert sorted(int(r["world"]) for r in rows) == [1, 1, 1, 2]
+    assert {r["run"] for r in rows} == {"enabled=true", "enabled=false", "swap_world2"}
+    assert sorted(int(r["world"]) for r in rows) == [1, 1, 2]
     assert all(int(r["steps"]) == 3 and float(r["final_val_loss"]) > 0 for r in rows)
-    swap = next(r for r in rows if r["run"] == "swap")
+    swap = next(r for r in rows if r["run"] == "swap_world2")
     assert int(swap["gatepro_on_steps"]) == 2
     for r in rows:  # TINY: stats_every=2, so steps 2 and 3 carry similarity; λ=1e-2 penalises
         assert -1 < float(r["final_mean_cos"]) < 1 and 0 < float(r["final_mean_angle_deg"]) < 180
@@ -50,7 +52,7 @@ def test_sweep_runs_every_config_and_writes_one_csv_row_per_run(tmp_path, monkey
     for png in ("zero_token_experts.png", "val_loss.png", "throughput.png", "similarity.png"):
         assert_drawn(tmp_path / "out" / png)
     again = subprocess.run([sys.executable, "-m", "gatepro_dist.cli.sweep", sweep], capture_output=True, text=True)
-    assert again.stdout.count("already complete") == 4
+    assert again.stdout.count("already complete") == 3
 
     # The plots again, in this process (the sweep drew them in its own): their numbers are the runs'.
     figures = capture_figures(monkeypatch)
@@ -75,6 +77,19 @@ def test_sweep_runs_every_config_and_writes_one_csv_row_per_run(tmp_path, monkey
     plotted = sorted((x, y) for xs, ys in curves(ax).values() for x, y in zip(xs, ys))
     expected = sorted((int(r["world"]), float(r["mean_tokens_per_s"])) for r in rows)
     assert [v for point in plotted for v in point] == pytest.approx([v for point in expected for v in point])
+
+    archived = sorted(p.name for p in (tmp_path / "archive" / "tiny").iterdir())
+    assert archived == ["enabled=false.jsonl.gz", "enabled=true.jsonl.gz", "swap_world2.jsonl.gz"]
+    blob = (tmp_path / "archive" / "tiny" / "enabled=true.jsonl.gz").read_bytes()
+    import shutil
+    shutil.rmtree(tmp_path / "out")  # a fresh machine: only the archive is left
+    fresh = subprocess.run([sys.executable, "-m", "gatepro_dist.cli.sweep", sweep], capture_output=True, text=True,
+                           timeout=600)
+    assert fresh.returncode == 0, fresh.stderr
+    assert fresh.stdout.count("already complete") == 3 and not (tmp_path / "out" / "enabled=true").exists()
+    with open(tmp_path / "out" / "summary.csv") as f:
+        assert list(csv.DictReader(f)) == rows  # every summary column comes from what the archive keeps
+    assert (tmp_path / "archive" / "tiny" / "enabled=true.jsonl.gz").read_bytes() == blob  # left as it was
 
 
 def test_bad_run_in_a_sweep_is_refused_before_anything_runs(tmp_path):
@@ -172,31 +187,6 @@ def test_runs_that_differ_only_in_seed_are_summarised_as_mean_and_std(tmp_path, 
     assert_curve(mean_cos, "enabled=True (3 seeds)", [2, 4], [0.15, 0.15])
     assert band_range(mean_cos, 0) == pytest.approx((0.05, 0.25))
     assert_curve(entropy, "enabled=False (3 seeds)", [2, 4], [3.0, 3.0])
-
-
-@pytest.mark.slow
-def test_an_archived_sweep_is_finished_on_a_machine_without_its_run_directories(tmp_path):
-    """A sweep in pieces across sessions: the archive (committed) is all that survives a machine."""
-    sweep = write_sweep(tmp_path, "  router.gatepro.enabled: [true, false]\n", f"archive: {tmp_path / 'archive'}\n")
-    first = subprocess.run([sys.executable, "-m", "gatepro_dist.cli.sweep", sweep], capture_output=True, text=True,
-                           timeout=600)
-    assert first.returncode == 0, first.stderr
-    archived = sorted(p.name for p in (tmp_path / "archive" / "tiny").iterdir())
-    assert archived == ["enabled=false.jsonl.gz", "enabled=true.jsonl.gz"]
-    with open(tmp_path / "out" / "summary.csv") as f:
-        before = list(csv.DictReader(f))
-    blob = (tmp_path / "archive" / "tiny" / "enabled=true.jsonl.gz").read_bytes()
-
-    import shutil
-    shutil.rmtree(tmp_path / "out")  # a fresh machine: only the archive is left
-    again = subprocess.run([sys.executable, "-m", "gatepro_dist.cli.sweep", sweep], capture_output=True, text=True,
-                           timeout=600)
-    assert again.returncode == 0, again.stderr
-    assert again.stdout.count("already complete") == 2 and not (tmp_path / "out" / "enabled=true").exists()
-    with open(tmp_path / "out" / "summary.csv") as f:
-        after = list(csv.DictReader(f))
-    assert after == before  # every summary column comes from what the archive keeps
-    assert (tmp_path / "archive" / "tiny" / "enabled=true.jsonl.gz").read_bytes() == blob  # left as it was
 
 
 def test_archive_keeps_everything_but_the_per_expert_counts():
