@@ -170,8 +170,11 @@ def test_bf16_runs_as_native_bf16_with_fp32_parameters_router_and_bias(trajector
     buffers (not the ``bf16`` section, which cast the whole module: router rows and the aux-loss-free
     bias too, where a 1e-3 step at |bias| = 0.5 rounds away). Both are really bf16 -- they differ
     from the fp32 losses by more than fp32 noise (the fp32 engines above agree to 1e-7) and by less
-    than bf16's unit roundoff 2^-9 -- and they follow the same trajectory as each other, at ZeRO 2 and
-    0, to fp32 summation noise (with the bf16 module they were 6.1e-4 apart)."""
+    than bf16's unit roundoff 2^-9 -- and they follow the same trajectory as each other (with the
+    bf16 module they were 6.1e-4 apart): at ZeRO 0 for all 5 steps, at ZeRO 2 for the first 3.
+    ZeRO 2's reduce-scatter sums in another order (fp32 noise, 2e-7 in the fp32 runs), and once
+    that noise flips one bf16 rounding the trajectories part: on the corpus of Debian's Python
+    3.11.2 (the data are the interpreter's own sources) by 1.1e-4 at step 5, none on 3.11.7's."""
     _, losses = trajectories
 
     def max_relative(a, b):
@@ -179,8 +182,9 @@ def test_bf16_runs_as_native_bf16_with_fp32_parameters_router_and_bias(trajector
 
     for name in ("native_bf16", "bf16", "bf16_stage0"):
         assert 1e-5 < max_relative(losses[name], losses["native"]) < 2 ** -9, (name, losses[name], losses["native"])
-    for name in ("bf16", "bf16_stage0"):
-        assert max_relative(losses[name], losses["native_bf16"]) < 1e-6, (name, losses[name], losses["native_bf16"])
+    for name, steps in (("bf16", 3), ("bf16_stage0", 5)):
+        ours, native = losses[name][:steps], losses["native_bf16"][:steps]
+        assert max_relative(ours, native) < 1e-6, (name, losses[name], losses["native_bf16"])
     assert losses["bf16"][-1] < losses["bf16"][0]
     engine = losses["bf16_dtypes"]
     assert engine["dtypes"] == ["torch.float32"] and engine["router"] == "torch.float32"
