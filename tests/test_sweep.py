@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
@@ -81,7 +82,6 @@ def test_sweep_runs_every_config_writes_one_csv_row_per_run_and_finishes_from_it
     archived = sorted(p.name for p in (tmp_path / "archive" / "tiny").iterdir())
     assert archived == ["enabled=false.jsonl.gz", "enabled=true.jsonl.gz", "swap_world2.jsonl.gz"]
     blob = (tmp_path / "archive" / "tiny" / "enabled=true.jsonl.gz").read_bytes()
-    import shutil
     shutil.rmtree(tmp_path / "out")  # a fresh machine: only the archive is left
     fresh = subprocess.run([sys.executable, "-m", "gatepro_dist.cli.sweep", sweep], capture_output=True, text=True,
                            timeout=600)
